@@ -1,0 +1,436 @@
+"""The four networks of ReDO, layer for layer as in the original implementation.
+
+netEncM  (mask extractor)       image -> soft masks of nMasks regions
+netGenX  (region generators)    masks, noise z -> one redrawn region per mask
+netDX    (discriminator)        image -> realness score (hinge loss)
+netRecZ  (noise reconstructor)  sum of redrawn regions -> z
+
+Module names, parameter names and parameter order are the original's, so that the
+published weights and the original's checkpoints load with strict=True and the
+original's optimizer states line up. The constructors draw random numbers in the
+original's order, so one seed gives the original's initial weights. The original
+class names (`_netEncM`, `_netGenX`, `_resDiscriminator128`, `_netRecZ`, ...) stay
+importable with their keywords.
+"""
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SUPPORTED_SIZEX = 128
+
+
+def check_sizex(sizex):
+    if sizex != SUPPORTED_SIZEX:
+        raise ValueError("sizex=%s is not supported: ReDO's networks are built for %dx%d images "
+                         "(use --sizex %d)" % (sizex, SUPPORTED_SIZEX, SUPPORTED_SIZEX, SUPPORTED_SIZEX))
+
+
+class SNConv2d(nn.Conv2d):
+    """Conv2d with spectral normalisation, stored as torch.nn.utils.spectral_norm stores it.
+
+    Parameters `bias`, `weight_orig` (in that order) and buffers `weight_u`, `weight_v`,
+    as in the published weights. As the original: one power iteration per forward call
+    in train mode, none in eval mode; u and v are drawn at construction, after the
+    convolution's own initialisation.
+    """
+
+    eps = 1e-12
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        weight = self.weight
+        del self.weight
+        self.weight_orig = weight
+        with torch.no_grad():
+            u = F.normalize(weight.new_empty(weight.size(0)).normal_(0, 1), dim=0, eps=self.eps)
+            v = F.normalize(weight.new_empty(weight[0].numel()).normal_(0, 1), dim=0, eps=self.eps)
+        self.register_buffer("weight_u", u)
+        self.register_buffer("weight_v", v)
+
+    def normalized_weight(self):
+        weight_mat = self.weight_orig.flatten(1)  # (out, in*kh*kw)
+        u, v = self.weight_u, self.weight_v
+        if self.training:
+            with torch.no_grad():
+                F.normalize(torch.mv(weight_mat.t(), u), dim=0, eps=self.eps, out=v)
+                F.normalize(torch.mv(weight_mat, v), dim=0, eps=self.eps, out=u)
+            # clones keep the autograd graph valid when the net is called again before backward
+            u, v = u.clone(), v.clone()
+        sigma = torch.dot(u, torch.mv(weight_mat, v))
+        return self.weight_orig / sigma
+
+    def forward(self, x):
+        return self._conv_forward(x, self.normalized_weight(), self.bias)
+
+
+def init_weights_orthogonal(net, gain):
+    """Orthogonal init of every Conv2d / ConvTranspose2d / Linear weight, in module order.
+
+    For spectral-norm convolutions it is `weight_orig` that is initialised, which is what
+    the original does when its nets are on the CPU (see README, differences).
+    """
+    for m in net.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            nn.init.orthogonal_(m.weight_orig if isinstance(m, SNConv2d) else m.weight, gain)
+    return net
+
+
+class SelfAttention(nn.Module):
+    """SAGAN self-attention: queries at every position, keys and values max-pooled by 2."""
+
+    def __init__(self, nf, nh=False):
+        super().__init__()
+        if not nh:
+            nh = max(nf // 8, 1)
+        self.f = SNConv2d(nf, nh, 1, bias=False)       # queries
+        self.g = SNConv2d(nf, nh, 1, bias=False)       # keys
+        self.h = SNConv2d(nf, nf // 2, 1, bias=False)  # values
+        self.o = SNConv2d(nf // 2, nf, 1, bias=False)
+        self.gamma = nn.Parameter(torch.zeros(1))
+        self.nh = nh
+        self.nf = nf
+
+    def forward(self, x):
+        B, _, H, W = x.shape
+        q = self.f(x).flatten(2).transpose(1, 2)                              # (B, H*W, nh)
+        k = F.max_pool2d(self.g(x), kernel_size=2).flatten(2).transpose(1, 2)  # (B, H*W/4, nh)
+        v = F.max_pool2d(self.h(x), kernel_size=2).flatten(2).transpose(1, 2)  # (B, H*W/4, nf/2)
+        attention = torch.softmax(q @ k.transpose(1, 2), dim=-1)             # (B, H*W, H*W/4)
+        out = (attention @ v).transpose(1, 2).reshape(B, self.nf // 2, H, W)
+        return self.o(out) * self.gamma + x
+
+
+def _res_down_block(nIn, nOut):
+    return nn.Sequential(nn.ReLU(),
+                         SNConv2d(nIn, nOut, 3, 1, 1, bias=True),
+                         nn.ReLU(),
+                         SNConv2d(nOut, nOut, 3, 1, 1, bias=True),
+                         nn.AvgPool2d(2))
+
+
+def _res_down_shortcut(nIn, nOut):
+    return nn.Sequential(nn.AvgPool2d(2), SNConv2d(nIn, nOut, 1, bias=True))
+
+
+def _res_last_block(nf):
+    return nn.Sequential(nn.ReLU(),
+                         SNConv2d(nf, nf, 3, 1, 1, bias=True),
+                         nn.ReLU(),
+                         SNConv2d(nf, nf, 3, 1, 1, bias=True))
+
+
+class _ResNet128(nn.Module):
+    """Spectral-norm ResNet, 128x128 -> 4x4, summed over space, then a linear layer.
+
+    Shared by the discriminator (optional self-attention after the first block) and the
+    noise reconstructor (first block stored in `blocs[0]`, as in the original).
+    """
+
+    def _build_down_blocks(self, nf):
+        blocs, sc = [], []
+        for _ in range(4):
+            blocs.append(_res_down_block(nf, nf * 2))
+            sc.append(_res_down_shortcut(nf, nf * 2))
+            nf *= 2
+        blocs.append(_res_last_block(nf))
+        sc.append(nn.Identity())
+        return blocs, sc, nf
+
+    @staticmethod
+    def _first_block(nIn, nf):
+        return nn.Sequential(SNConv2d(nIn, nf, 3, 1, 1, bias=True),
+                             nn.ReLU(),
+                             SNConv2d(nf, nf, 3, 1, 1, bias=True),
+                             nn.AvgPool2d(2))
+
+    def _residual_tail(self, x):
+        for bloc, sc in zip(self.blocs, self.sc):
+            x = bloc(x) + sc(x)
+        return self.dense(x.sum(dim=(2, 3)))
+
+
+class Discriminator(_ResNet128):
+    """netDX: spectral-norm ResNet discriminator for 128x128 images (original `_resDiscriminator128`)."""
+
+    def __init__(self, nIn=3, nf=64, selfAtt=False):
+        super().__init__()
+        self.bloc0 = self._first_block(nIn, nf)
+        self.sc0 = _res_down_shortcut(nIn, nf)
+        self.selfAtt = SelfAttention(nf) if selfAtt else nn.Identity()
+        blocs, sc, nf = self._build_down_blocks(nf)
+        self.dense = nn.Linear(nf, 1)
+        self.blocs = nn.ModuleList(blocs)
+        self.sc = nn.ModuleList(sc)
+
+    def forward(self, x):
+        x = self.selfAtt(self.bloc0(x) + self.sc0(x))
+        return self._residual_tail(x)
+
+
+class ResEncoder(_ResNet128):
+    """Spectral-norm ResNet encoder for 128x128 images to nOut numbers (original `_resEncoder128`)."""
+
+    def __init__(self, nIn=3, nf=64, nOut=8):
+        super().__init__()
+        first = self._first_block(nIn, nf)
+        first_sc = _res_down_shortcut(nIn, nf)
+        blocs, sc, nf = self._build_down_blocks(nf)
+        self.dense = nn.Linear(nf, nOut)
+        self.blocs = nn.ModuleList([first] + blocs)
+        self.sc = nn.ModuleList([first_sc] + sc)
+
+    def forward(self, x):
+        return self._residual_tail(x)
+
+
+class MaskedGenerator(nn.Module):
+    """One region generator: draws a 128x128 region from noise z, conditioned on its mask.
+
+    Instance norms are modulated by 1x1 convolutions of the noise (`gamma*`, `beta*`), and
+    the mask, average-pooled to each resolution, is concatenated before each up-convolution.
+    The output is tanh, multiplied by the mask (original `_resMaskedGenerator128`).
+    """
+
+    def __init__(self, nf=64, nOut=3, nc=8, selfAtt=False):
+        super().__init__()
+        self.selfAtt = SelfAttention(nf * 2) if selfAtt else nn.Identity()
+        self.dense = nn.Linear(nc, 4 * 4 * nf * 16)
+        layers = {name: [] for name in ("convA", "convB", "normA", "normB",
+                                        "gammaA", "gammaB", "betaA", "betaB", "sc")}
+        nfPrev = nfNext = nf * 16
+        for _ in range(5):
+            layers["convA"].append(nn.Sequential(nn.Upsample(scale_factor=2),
+                                                 SNConv2d(nfPrev + 1, nfNext, 3, 1, 1, bias=False)))
+            layers["convB"].append(SNConv2d(nfNext, nfNext, 3, 1, 1, bias=True))
+            layers["normA"].append(nn.InstanceNorm2d(nfPrev, affine=False))
+            layers["normB"].append(nn.InstanceNorm2d(nfNext, affine=False))
+            layers["gammaA"].append(nn.Conv2d(nc, nfPrev, 1, bias=True))
+            layers["gammaB"].append(nn.Conv2d(nc, nfNext, 1, bias=True))
+            layers["betaA"].append(nn.Conv2d(nc, nfPrev, 1, bias=True))
+            layers["betaB"].append(nn.Conv2d(nc, nfNext, 1, bias=True))
+            layers["sc"].append(nn.Sequential(nn.Upsample(scale_factor=2),
+                                              SNConv2d(nfPrev, nfNext, 1, bias=True)))
+            nfPrev, nfNext = nfNext, nfNext // 2
+        for name, modules in layers.items():
+            setattr(self, name, nn.ModuleList(modules))
+        self.normOut = nn.InstanceNorm2d(nf, affine=False)
+        self.gammaOut = nn.Conv2d(nc, nf, 1, bias=True)
+        self.betaOut = nn.Conv2d(nc, nf, 1, bias=True)
+        # The original builds an output conv without the mask channel and replaces it at
+        # once; building and dropping it draws the same random numbers, so seeds agree.
+        SNConv2d(nf, nOut, 3, 1, 1)
+        self.convOut = SNConv2d(nf + 1, nOut, 3, 1, 1)
+
+    @staticmethod
+    def _modulated_relu(norm, gamma, beta, x, c):
+        return F.relu(norm(x) * gamma(c) + beta(c))
+
+    def forward(self, m, z, c):
+        """m: (B, 1, 128, 128) mask; z: (B, nc, 1, 1) noise; c: (B, nc, 1, 1) conditioning
+        (ReDO passes z twice)."""
+        x = self.dense(z.view(z.size(0), z.size(1))).view(z.size(0), -1, 4, 4)
+        mask_ratio = m.size(-1) // 4
+        for k in range(5):
+            if k == 4:
+                x = self.selfAtt(x)
+            h = self._modulated_relu(self.normA[k], self.gammaA[k], self.betaA[k], x, c)
+            h = self.convA[k](torch.cat((h, F.avg_pool2d(m, kernel_size=mask_ratio)), 1))
+            h = self.convB[k](self._modulated_relu(self.normB[k], self.gammaB[k], self.betaB[k], h, c))
+            x = h + self.sc[k](x)
+            mask_ratio //= 2
+        h = self._modulated_relu(self.normOut, self.gammaOut, self.betaOut, x, c)
+        return torch.tanh(self.convOut(torch.cat((h, m), 1))) * m
+
+
+class _downConv(nn.Module):
+    def __init__(self, nIn=3, nf=128):
+        super().__init__()
+        self.mods = nn.Sequential(nn.ReflectionPad2d(3),
+                                  nn.Conv2d(nIn, nf // 4, 7, bias=False),
+                                  nn.InstanceNorm2d(nf // 4, affine=True),
+                                  nn.ReLU(),
+                                  nn.Conv2d(nf // 4, nf // 2, 3, 2, 1, bias=False),
+                                  nn.InstanceNorm2d(nf // 2, affine=True),
+                                  nn.ReLU(),
+                                  nn.Conv2d(nf // 2, nf, 3, 2, 1, bias=False),
+                                  nn.InstanceNorm2d(nf, affine=True),
+                                  nn.ReLU())
+
+    def forward(self, x):
+        return self.mods(x)
+
+
+class _resBloc(nn.Module):
+    def __init__(self, nf=128):
+        super().__init__()
+        self.blocs = nn.Sequential(nn.Conv2d(nf, nf, 3, 1, 1, bias=False),
+                                   nn.InstanceNorm2d(nf, affine=True),
+                                   nn.ReLU(),
+                                   nn.Conv2d(nf, nf, 3, 1, 1, bias=True))
+        self.activationF = nn.Sequential(nn.InstanceNorm2d(nf, affine=True), nn.ReLU())
+
+    def forward(self, x):
+        return self.activationF(self.blocs(x) + x)
+
+
+class _upConv(nn.Module):
+    def __init__(self, nOut=3, nf=128):
+        super().__init__()
+        self.mods = nn.Sequential(nn.Upsample(scale_factor=2, mode='nearest'),
+                                  nn.Conv2d(nf, nf // 2, 3, 1, 1, bias=False),
+                                  nn.InstanceNorm2d(nf // 2, affine=True),
+                                  nn.ReLU(),
+                                  nn.Upsample(scale_factor=2, mode='nearest'),
+                                  nn.Conv2d(nf // 2, nf // 4, 3, 1, 1, bias=False),
+                                  nn.InstanceNorm2d(nf // 4, affine=True),
+                                  nn.ReLU(),
+                                  nn.ReflectionPad2d(3),
+                                  nn.Conv2d(nf // 4, nOut, 7, bias=True))
+
+    def forward(self, x):
+        return self.mods(x)
+
+
+def _pyramid_pooling(nf, size, bins):
+    """Pool the features over a bins x bins grid, reduce to one channel, upsample back."""
+    kernel = size // bins
+    return nn.Sequential(nn.AvgPool2d(kernel, kernel),
+                         nn.Conv2d(nf, 1, 1),
+                         nn.Upsample(size=size, mode='bilinear', align_corners=False))
+
+
+class MaskExtractor(nn.Module):
+    """netEncM: image -> (B, nMasks, H, W) soft masks summing to 1 over regions.
+
+    Down-convolutions, nRes residual blocks, a pyramid-pooling head (1, 2, 3, 6 bins) and
+    up-convolutions. Two regions: one sigmoid map m and its complement 1 - m; more: a
+    softmax over regions. Both divide the logits by `temperature`. (Original `_netEncM`.)
+    """
+
+    def __init__(self, sizex=128, nIn=3, nMasks=2, nRes=5, nf=128, temperature=1):
+        super().__init__()
+        check_sizex(sizex)
+        self.nMasks = nMasks
+        size = sizex // 4
+        self.cnn = nn.Sequential(_downConv(nIn, nf), *[_resBloc(nf=nf) for _ in range(nRes)])
+        self.psp = nn.ModuleList([_pyramid_pooling(nf, size, bins) for bins in (1, 2, 3, 6)])
+        self.out = _upConv(1 if nMasks == 2 else nMasks, nf + 4)
+        self.temperature = temperature
+
+    def forward(self, x):
+        f = self.cnn(x)
+        m = self.out(torch.cat([f] + [pool(f) for pool in self.psp], 1))
+        if self.nMasks == 2:
+            m = torch.sigmoid(m / self.temperature)
+            return torch.cat((m, 1 - m), 1)
+        return F.softmax(m / self.temperature, dim=1)
+
+
+class RegionGenerators(nn.Module):
+    """netGenX: one MaskedGenerator per region (original `_netGenX`).
+
+    forward(masks (B, K, H, W), z (B, K, nz, 1, 1)) -> redrawn regions (B, K, nOut, H, W),
+    each already multiplied by its mask.
+    """
+
+    def __init__(self, sizex=128, nOut=3, nc=8, nf=64, nMasks=2, selfAtt=False):
+        super().__init__()
+        check_sizex(sizex)
+        self.net = nn.ModuleList([MaskedGenerator(nf=nf, nOut=nOut, nc=nc, selfAtt=selfAtt)
+                                  for _ in range(nMasks)])
+        self.nMasks = nMasks
+
+    def forward(self, masks, c):
+        masks = masks.unsqueeze(2)
+        return torch.stack([gen(masks[:, k], c[:, k], c[:, k]) for k, gen in enumerate(self.net)], 1)
+
+
+class NoiseReconstructor(nn.Module):
+    """netRecZ: image -> (B, nMasks, nc, 1, 1) noise (original `_netRecZ`)."""
+
+    def __init__(self, sizex=128, nIn=3, nc=5, nf=64, nMasks=2):
+        super().__init__()
+        check_sizex(sizex)
+        self.net = ResEncoder(nIn=nIn, nf=nf, nOut=nc * nMasks)
+        self.nc = nc
+        self.nMasks = nMasks
+
+    def forward(self, x):
+        return self.net(x).view(x.size(0), self.nMasks, self.nc, 1, 1)
+
+
+# The original's names, kept for code written against the original models.py.
+_netEncM = MaskExtractor
+_netGenX = RegionGenerators
+_resDiscriminator128 = Discriminator
+_netRecZ = NoiseReconstructor
+_resEncoder128 = ResEncoder
+_resMaskedGenerator128 = MaskedGenerator
+
+
+def redraw(netGenX, x, masks, z):
+    """Redraw each region of x: returns the regions drawn by netGenX (B, K, C, H, W) and
+    the composites (B, K, C, H, W), where composite k is x with region k replaced."""
+    regions = netGenX(masks, z)
+    return regions, regions + (1 - masks.unsqueeze(2)) * x.unsqueeze(1)
+
+
+@dataclass
+class ReDONets:
+    """The four networks, under the names the checkpoints use. netRecZ is None when wrecZ == 0."""
+    netEncM: Optional[nn.Module] = None
+    netGenX: Optional[nn.Module] = None
+    netDX: Optional[nn.Module] = None
+    netRecZ: Optional[nn.Module] = None
+
+    def items(self):
+        return [(f.name, getattr(self, f.name)) for f in fields(self) if getattr(self, f.name) is not None]
+
+    def train(self, mode=True):
+        for _, net in self.items():
+            net.train(mode)
+
+    def eval(self):
+        self.train(False)
+
+    def zero_grad(self):
+        for _, net in self.items():
+            net.zero_grad()
+
+    def to(self, device):
+        for _, net in self.items():
+            net.to(device)
+        return self
+
+
+NET_BUILDERS = {
+    "netEncM": lambda opt: MaskExtractor(sizex=opt.sizex, nIn=opt.nx, nMasks=opt.nMasks, nRes=opt.nResM,
+                                         nf=opt.nfM, temperature=opt.temperature),
+    "netGenX": lambda opt: RegionGenerators(sizex=opt.sizex, nOut=opt.nx, nc=opt.nz, nf=opt.nfX,
+                                            nMasks=opt.nMasks, selfAtt=opt.useSelfAttG),
+    "netDX": lambda opt: Discriminator(nIn=opt.nx, nf=opt.nfD, selfAtt=opt.useSelfAttD),
+    "netRecZ": lambda opt: NoiseReconstructor(sizex=opt.sizex, nIn=opt.nx, nc=opt.nz, nf=opt.nfZ,
+                                              nMasks=opt.nMasks),
+}
+
+
+def build_net(name, opt, device="cpu"):
+    """One network from the options (an argparse.Namespace as in the checkpoints), untrained."""
+    return NET_BUILDERS[name](opt).to(device)
+
+
+def build_nets(opt, device="cpu"):
+    """The nets of a training run, untrained, with the original's random-number order:
+    mask extractor, generators and discriminator are created, then initialised, then the
+    noise reconstructor (if wrecZ > 0) is created and initialised. Built on the CPU, so
+    that a seed gives the same weights on every device."""
+    check_sizex(opt.sizex)
+    nets = ReDONets(**{name: build_net(name, opt) for name in ("netEncM", "netGenX", "netDX")})
+    for _, net in nets.items():
+        init_weights_orthogonal(net, opt.initOrthoGain)
+    if opt.wrecZ > 0:
+        nets.netRecZ = init_weights_orthogonal(build_net("netRecZ", opt), opt.initOrthoGain)
+    return nets.to(device)

@@ -1,0 +1,237 @@
+"""The networks, the training iteration and evaluate() against the original's reference vectors."""
+import argparse
+import json
+import random
+
+import pytest
+import torch
+
+import models
+import train
+import utils
+from conftest import fixture_path
+
+NET_NAMES = ("netEncM", "netGenX", "netDX", "netRecZ")
+
+
+def nets_from_states(opt, states):
+    nets = models.ReDONets(**{name: models.build_net(name, opt) for name in states})
+    for name, net in nets.items():
+        net.load_state_dict(states[name], strict=True)
+    return nets
+
+
+def assert_weights_close(state, reference, name):
+    """Tolerance of the fixtures' README: after Adam steps (beta1 = 0, so a step is about
+    lr * sign(grad)) at most 0.1% of elements beyond 1e-5 and none beyond 1e-3."""
+    assert list(state) == list(reference), name
+    diffs = torch.cat([(state[k].float() - reference[k].float()).abs().flatten() for k in state])
+    assert diffs.max() <= 1e-3, (name, diffs.max().item())
+    assert (diffs > 1e-5).float().mean() <= 1e-3, (name, (diffs > 1e-5).float().mean().item())
+
+
+def test_two_training_iterations_reproduce_the_original(vectors, fixture_options):
+    nets = nets_from_states(fixture_options, vectors["init_nets"])
+    optimizers = train.make_optimizers(nets, fixture_options)
+    for iteration, step in enumerate(vectors["steps"]):
+        losses = train.training_iteration(nets, optimizers, step["xData"], step["xReal"], step["zData"],
+                                          fixture_options, iteration)
+        for key in ("lossG", "err_recZ", "lossD"):
+            assert losses[key].item() == pytest.approx(step[key], rel=1e-4), (iteration, key)
+    for name, net in nets.items():
+        assert_weights_close(net.state_dict(), vectors["final_nets"][name], name)
+
+
+def test_eval_outputs_of_the_final_nets(vectors, fixture_options):
+    nets = nets_from_states(fixture_options, vectors["final_nets"])
+    nets.eval()
+    x, z = vectors["eval_x"], vectors["eval_z"]
+    with torch.no_grad():
+        masks = nets.netEncM(x)
+        outputs = {"netEncM": masks, "netGenX": nets.netGenX(masks, z), "netDX": nets.netDX(x),
+                   "netRecZ": nets.netRecZ(x)}
+    for name, out in outputs.items():
+        torch.testing.assert_close(out, vectors["eval_" + name], rtol=0, atol=5e-4, msg=name)
+
+
+class _Lookup(torch.nn.Module):
+    """A stand-in mask extractor that returns stored masks for image indices."""
+
+    def __init__(self, masks):
+        super().__init__()
+        self.masks = masks
+
+    def forward(self, index):
+        return self.masks[index]
+
+
+def test_evaluate_reproduces_the_original_scores(vectors):
+    metric = vectors["metric"]
+    loader = [(torch.tensor(batch), metric["mData"][batch]) for batch in metric["batches"]]
+    acc, iou, min_size = utils.evaluate(_Lookup(metric["mPred"]), loader, "cpu")
+    assert acc == pytest.approx(metric["acc"], abs=1e-6)
+    assert iou == pytest.approx(metric["iou"], abs=1e-6)
+    assert min_size == pytest.approx(metric["minRegionSize"], abs=1e-6)
+
+
+def original_two_region_scores(mPred, mData):
+    """The original evaluate()'s per-image formulas, written out for comparison."""
+    fg, bg = (mPred[:, :1] >= .5).float(), (mPred[:, :1] < .5).float()
+    acc = torch.max((fg == mData).float().mean((-1, -2)), (bg == mData).float().mean((-1, -2)))
+    iou = torch.max(((fg + mData) == 2).float().sum((-1, -2)) / ((fg + mData) >= 1).float().sum((-1, -2)),
+                    ((bg + mData) == 2).float().sum((-1, -2)) / ((bg + mData) >= 1).float().sum((-1, -2)))
+    return acc.squeeze(1), iou.squeeze(1)
+
+
+def test_region_scores_reduce_to_the_original_for_two_regions():
+    g = torch.Generator().manual_seed(0)
+    m = torch.rand(6, 1, 32, 32, generator=g)
+    m[0, 0, :4] = 0.5  # ties go to region 0, as `>= .5` does
+    mPred = torch.cat((m, 1 - m), 1)
+    mData = (torch.rand(6, 1, 32, 32, generator=g) > 0.4).float()
+    acc, iou = utils.segmentation_scores(mPred, mData)
+    ref_acc, ref_iou = original_two_region_scores(mPred, mData)
+    assert torch.equal(acc, ref_acc) and torch.equal(iou, ref_iou)
+
+
+def test_region_scores_with_more_regions_take_the_best_union_of_regions():
+    # three regions: left third, middle third, right third; the object is the two right thirds
+    mPred = torch.zeros(1, 3, 6, 6)
+    for k in range(3):
+        mPred[0, k, :, 2 * k:2 * k + 2] = 1
+    mData = torch.zeros(1, 1, 6, 6)
+    mData[..., 2:] = 1
+    acc, iou = utils.segmentation_scores(mPred, mData)
+    assert acc.item() == 1 and iou.item() == 1
+    assert utils.foreground_assignments(3) == [(0,), (1,), (2,), (0, 1), (0, 2), (1, 2)]
+    assert utils.min_region_size(mPred) == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("name", ["redo_small_nets_state.pth", "redo_small_nets_state.tar.gz",
+                                  "redo_small_netM_state.pth", "redo_small_netM_state.tar.gz"])
+def test_published_checkpoint_formats_load_strictly(name):
+    state = utils.load_checkpoint(fixture_path(name), "cpu")
+    names = [n for n in NET_NAMES if n in state]
+    assert names == (list(NET_NAMES) if "nets" in name else ["netEncM"])
+    nets = utils.load_nets(state, names, "cpu", name)
+    assert state["options"].device == "cuda:0"  # saved from the GPU, mapped to the CPU
+    assert all(t.device.type == "cpu" for _, net in nets.items() for t in net.state_dict().values())
+
+
+def test_seed_gives_the_same_nets_and_spectral_norm_buffers_differ_from_weights(fixture_options):
+    def built(seed):
+        random.seed(seed)
+        torch.manual_seed(seed)
+        return models.build_nets(fixture_options)
+    a, b, c = built(3), built(3), built(4)
+    for (name, net_a), (_, net_b), (_, net_c) in zip(a.items(), b.items(), c.items()):
+        sa, sb, sc = net_a.state_dict(), net_b.state_dict(), net_c.state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), name
+        assert not all(torch.equal(sa[k], sc[k]) for k in sa), name
+
+
+def test_orthogonal_init_uses_the_gain(fixture_options):
+    opt = argparse.Namespace(**{**vars(fixture_options), "initOrthoGain": 1.3})
+    nets = models.build_nets(opt)
+    w = nets.netDX.blocs[0][1].weight_orig.flatten(1)  # (8, 36): orthogonal rows
+    torch.testing.assert_close(w @ w.t(), 1.3 ** 2 * torch.eye(w.size(0)), atol=1e-5, rtol=0)
+
+
+def test_spectral_norm_power_iteration_runs_once_per_call_in_train_mode_only():
+    conv = models.SNConv2d(3, 5, 3)
+    u0 = conv.weight_u.clone()
+    conv.eval()
+    conv(torch.randn(1, 3, 8, 8))
+    assert torch.equal(conv.weight_u, u0)
+    conv.train()
+    conv(torch.randn(1, 3, 8, 8))
+    u1 = conv.weight_u.clone()
+    assert not torch.equal(u1, u0)
+    w = conv.weight_orig.flatten(1)
+    expected_v = torch.nn.functional.normalize(w.t() @ u0, dim=0)
+    torch.testing.assert_close(u1, torch.nn.functional.normalize(w @ expected_v, dim=0))
+    conv(torch.randn(1, 3, 8, 8))
+    assert not torch.equal(conv.weight_u, u1)
+
+
+def test_sizex_other_than_128_is_refused(fixture_options):
+    opt = argparse.Namespace(**{**vars(fixture_options), "sizex": 64})
+    with pytest.raises(ValueError, match="sizex=64 is not supported.*--sizex 128"):
+        models.build_nets(opt)
+    with pytest.raises(ValueError, match="sizex=96"):
+        models._netGenX(sizex=96)
+
+
+def test_original_class_names_and_keywords_still_work():
+    netM = models._netEncM(sizex=128, nIn=3, nMasks=2, nRes=1, nf=4, temperature=1)
+    netX = models._netGenX(sizex=128, nOut=3, nc=8, nf=2, nMasks=2, selfAtt=True)
+    netD = models._resDiscriminator128(nIn=3, nf=2, selfAtt=True)
+    netZ = models._netRecZ(sizex=128, nIn=3, nc=8, nf=2, nMasks=2)
+    x = torch.randn(1, 3, 128, 128)
+    m = netM(x)
+    assert m.shape == (1, 2, 128, 128)
+    assert netX(m, torch.randn(1, 2, 8, 1, 1)).shape == (1, 2, 3, 128, 128)
+    assert netD(x).shape == (1, 1) and netZ(x).shape == (1, 2, 8, 1, 1)
+
+
+# ---------------------------------------------------------------- other configurations
+
+with open(fixture_path("original_configs.json")) as f:
+    ORIGINAL_CONFIGS = json.load(f)["configs"]
+
+
+def state_stats(state):
+    return {k: [v.double().sum().item(), v.double().abs().sum().item()] for k, v in state.items()}
+
+
+def assert_stats_close(stats, reference, what, rel, abs_):
+    assert list(stats) == list(reference), what
+    for key, (ref_sum, ref_abs) in reference.items():
+        got_sum, got_abs = stats[key]
+        assert got_sum == pytest.approx(ref_sum, rel=rel, abs=abs_), (what, key)
+        assert got_abs == pytest.approx(ref_abs, rel=rel, abs=abs_), (what, key)
+
+
+@pytest.mark.parametrize("record", ORIGINAL_CONFIGS, ids=[json.dumps(r["config"]) for r in ORIGINAL_CONFIGS])
+def test_other_configurations_match_the_original(record, fixture_options):
+    """Seeded init, three training iterations and eval outputs for configurations other than
+    the fixture's (more regions, self-attention off, per-net nf, temperature, gain, wrecZ,
+    step frequencies), against summaries recorded from the original (fixtures/README.md)."""
+    opt = argparse.Namespace(**{**vars(fixture_options), **record["config"]})
+    random.seed(record["seed"])
+    torch.manual_seed(record["seed"])
+    nets = models.build_nets(opt)
+    assert [name for name, _ in nets.items()] == list(record["init"])
+    for name, net in nets.items():
+        assert_stats_close(state_stats(net.state_dict()), record["init"][name], name, rel=1e-6, abs_=1e-6)
+    optimizers = train.make_optimizers(nets, opt)
+    for _, net in nets.items():
+        for pname, p in net.named_parameters():
+            if pname.endswith("gamma"):
+                p.data.fill_(0.5)
+    g = torch.Generator().manual_seed(5)
+    for iteration, ref_losses in enumerate(record["steps"]):
+        xData = torch.rand(2, 3, 128, 128, generator=g) * 2 - 1
+        xReal = torch.rand(2, 3, 128, 128, generator=g) * 2 - 1
+        zData = torch.randn(2, opt.nMasks, opt.nz, 1, 1, generator=g)
+        losses = train.training_iteration(nets, optimizers, xData, xReal, zData, opt, iteration)
+        assert sorted(losses) == sorted(ref_losses)
+        for key, value in ref_losses.items():
+            assert losses[key].item() == pytest.approx(value, rel=1e-4), (iteration, key)
+    nets.eval()
+    x = torch.rand(2, 3, 128, 128, generator=g) * 2 - 1
+    z = torch.randn(2, opt.nMasks, opt.nz, 1, 1, generator=g)
+    with torch.no_grad():
+        m = nets.netEncM(x)
+        gen = nets.netGenX(m, z)
+        got = {"netEncM": [m.double().sum().item(), (m.double() ** 2).sum().item()],
+               "netGenX": [gen.double().sum().item(), (gen.double() ** 2).sum().item()],
+               "netDX": nets.netDX(x).flatten().tolist()}
+        if nets.netRecZ is not None:
+            zr = nets.netRecZ(x).double()
+            got["netRecZ"] = [zr.sum().item(), (zr ** 2).sum().item()]
+    assert sorted(got) == sorted(record["eval"])
+    for name, values in record["eval"].items():
+        assert got[name] == pytest.approx(values, rel=1e-3, abs=1e-3), name
+    for name, net in nets.items():
+        assert_stats_close(state_stats(net.state_dict()), record["final"][name], name, rel=1e-3, abs_=1e-3)

@@ -1,0 +1,140 @@
+"""What every script shares: device choice, safe checkpoint loading, evaluate()."""
+import argparse
+import contextlib
+import io
+import itertools
+import os
+import pickle
+import tarfile
+
+import torch
+
+import models
+
+MAX_ARCHIVE_MEMBER_BYTES = 2 << 30  # the published .pth files are at most a few hundred MB
+
+
+class UserError(Exception):
+    """A problem with the user's input: the scripts print it as one line and exit non-zero."""
+
+
+def default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def _read_archived_pth(path):
+    """The bytes of the one .pth file inside a .tar.gz (read in memory, never extracted)."""
+    try:
+        with tarfile.open(path, "r:*") as archive:
+            members = [m for m in archive.getmembers() if m.isfile() and m.name.endswith(".pth")]
+            if len(members) != 1:
+                raise UserError("%s: expected an archive holding exactly one .pth file, found %d"
+                                % (path, len(members)))
+            if members[0].size > MAX_ARCHIVE_MEMBER_BYTES:
+                raise UserError("%s: archive member %s is %d bytes, more than a ReDO checkpoint can be"
+                                % (path, members[0].name, members[0].size))
+            return archive.extractfile(members[0]).read()
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise UserError("%s: not a readable .tar.gz archive (%s)" % (path, e)) from None
+
+
+def load_checkpoint(path, device="cpu"):
+    """Load a ReDO checkpoint (.pth, or the .tar.gz archive the published weights come in).
+
+    Files saved by PyTorch 1.0 (legacy format) load as well as ours. Only tensors, plain
+    containers and argparse.Namespace are unpickled (weights_only=True); everything is
+    mapped to `device` (the published weights were saved from cuda:0).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError("%s: no such checkpoint file" % path)
+    source = io.BytesIO(_read_archived_pth(path)) if tarfile.is_tarfile(path) else path
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(source, map_location=torch.device(device), weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError("%s: refused to load: it holds objects other than tensors and options, "
+                        "which could run code (%s)" % (path, str(e).splitlines()[0])) from None
+    except (RuntimeError, EOFError, ValueError) as e:
+        raise UserError("%s: not a readable PyTorch checkpoint (%s)"
+                        % (path, str(e).splitlines()[0] if str(e) else type(e).__name__)) from None
+    if not isinstance(state, dict) or "options" not in state:
+        raise UserError("%s: not a ReDO checkpoint (expected a dict with 'options' and nets)" % path)
+    return state
+
+
+def load_nets(state, names, device="cpu", path="checkpoint"):
+    """Build the named nets from a checkpoint's options and load their weights strictly, in eval mode."""
+    opt = state["options"]
+    nets = models.ReDONets()
+    for name in names:
+        if name not in state:
+            raise UserError("%s: has no %s (it holds %s)" % (path, name, ", ".join(k for k in state if k.startswith("net"))))
+        net = models.build_net(name, opt, device)
+        try:
+            net.load_state_dict(state[name], strict=True)
+        except RuntimeError as e:
+            raise UserError("%s: %s does not fit the configuration in its options: %s"
+                            % (path, name, str(e).splitlines()[1].strip() if "\n" in str(e) else e)) from None
+        setattr(nets, name, net.eval())
+    return nets
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@contextlib.contextmanager
+def eval_mode(*nets):
+    """Put nets in eval mode for a block, then restore each one's mode."""
+    modes = [net.training for net in nets]
+    for net in nets:
+        net.eval()
+    try:
+        yield
+    finally:
+        for net, mode in zip(nets, modes):
+            net.train(mode)
+
+
+def foreground_assignments(nMasks):
+    """Every way to call some of the regions foreground and the others background (not all, not none)."""
+    return [subset for r in range(1, nMasks) for subset in itertools.combinations(range(nMasks), r)]
+
+
+def segmentation_scores(mPred, mData):
+    """Per-image accuracy and IoU of soft masks mPred (B, K, H, W) against binary ground truth
+    mData (B, 1, H, W), each the best over the ways of assigning regions to the foreground.
+
+    A pixel belongs to the region with the largest mask (the first on ties). For K = 2 the
+    two assignments are {region 0} (mPred[:, 0] >= .5) and {region 1} (mPred[:, 0] < .5):
+    the original's score exactly. IoU is NaN for an image where both masks are empty.
+    """
+    region = mPred.argmax(1, keepdim=True)
+    accs, ious = [], []
+    for subset in foreground_assignments(mPred.size(1)):
+        pred = torch.isin(region, torch.tensor(subset, device=region.device)).float()
+        accs.append((pred == mData).float().mean((-1, -2)))
+        ious.append(((pred + mData) == 2).float().sum((-1, -2)) / ((pred + mData) >= 1).float().sum((-1, -2)))
+    return torch.stack(accs).amax(0).squeeze(1), torch.stack(ious).amax(0).squeeze(1)
+
+
+def min_region_size(mPred):
+    """The smallest average soft-mask size of a region: near 0 when training has collapsed."""
+    return mPred.mean((0, 2, 3)).min().item()
+
+
+def evaluate(netEncM, loader, device):
+    """Accuracy and IoU of netEncM over a loader of (image, mask) batches, as the original:
+    means over batches of per-batch means; and min_region_size of the last batch."""
+    sumAcc, sumIoU, nBatches = 0.0, 0.0, 0
+    with eval_mode(netEncM), torch.no_grad():
+        for xLoad, mLoad in loader:
+            mPred = netEncM(xLoad.to(device))
+            acc, iou = segmentation_scores(mPred, mLoad.to(device))
+            sumAcc += acc.mean().item()
+            sumIoU += iou.mean().item()
+            nBatches += 1
+    if nBatches == 0:
+        raise UserError("evaluation got no batch: the split has fewer images than --batchSize")
+    return sumAcc / nBatches, sumIoU / nBatches, min_region_size(mPred)
