@@ -66,15 +66,19 @@ class SNConv2d(nn.Conv2d):
         return self._conv_forward(x, self.normalized_weight(), self.bias)
 
 
-def init_weights_orthogonal(net, gain):
+def init_weights_orthogonal(net, gain, skip_spectral_norm=False):
     """Orthogonal init of every Conv2d / ConvTranspose2d / Linear weight, in module order.
 
     For spectral-norm convolutions it is `weight_orig` that is initialised, which is what
-    the original does when its nets are on the CPU (see README, differences).
+    the original does when its nets are on the CPU. On a GPU the original's init misses
+    them (see README, differences): skip_spectral_norm=True reproduces that.
     """
     for m in net.modules():
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
-            nn.init.orthogonal_(m.weight_orig if isinstance(m, SNConv2d) else m.weight, gain)
+        if isinstance(m, SNConv2d):
+            # skipping still draws the random numbers, as the original's init of a stale copy did
+            nn.init.orthogonal_(torch.empty_like(m.weight_orig) if skip_spectral_norm else m.weight_orig, gain)
+        elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            nn.init.orthogonal_(m.weight, gain)
     return net
 
 
@@ -422,15 +426,18 @@ def build_net(name, opt, device="cpu"):
     return NET_BUILDERS[name](opt).to(device)
 
 
-def build_nets(opt, device="cpu"):
+def build_nets(opt, device="cpu", netRecZ=None):
     """The nets of a training run, untrained, with the original's random-number order:
     mask extractor, generators and discriminator are created, then initialised, then the
     noise reconstructor (if wrecZ > 0) is created and initialised. Built on the CPU, so
-    that a seed gives the same weights on every device."""
+    that a seed gives the same weights on every device. Restarting after a collapse, the
+    original keeps its noise reconstructor and only re-initialises it: pass it as netRecZ.
+    """
     check_sizex(opt.sizex)
+    skip_sn = getattr(opt, "skipOrthoInitSN", False)
     nets = ReDONets(**{name: build_net(name, opt) for name in ("netEncM", "netGenX", "netDX")})
     for _, net in nets.items():
-        init_weights_orthogonal(net, opt.initOrthoGain)
+        init_weights_orthogonal(net, opt.initOrthoGain, skip_sn)
     if opt.wrecZ > 0:
-        nets.netRecZ = init_weights_orthogonal(build_net("netRecZ", opt), opt.initOrthoGain)
+        nets.netRecZ = init_weights_orthogonal(netRecZ or build_net("netRecZ", opt), opt.initOrthoGain, skip_sn)
     return nets.to(device)

@@ -18,6 +18,15 @@ class UserError(Exception):
     """A problem with the user's input: the scripts print it as one line and exit non-zero."""
 
 
+def user_error_message(error):
+    """The one-line message of a UserError, also when a DataLoader worker raised it (the
+    loader re-raises it with the worker's traceback in the message)."""
+    message = str(error)
+    if "Original Traceback" in message:
+        message = message.rstrip().splitlines()[-1].split("UserError: ", 1)[-1]
+    return message
+
+
 def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -40,6 +49,19 @@ def _read_archived_pth(path):
         raise UserError("%s: not a readable .tar.gz archive (%s)" % (path, e)) from None
 
 
+def safe_torch_load(source, path, device="cpu"):
+    """torch.load that unpickles only tensors, plain containers and argparse.Namespace."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(source, map_location=torch.device(device), weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError("%s: refused to load: it holds objects other than tensors and options, "
+                        "which could run code (%s)" % (path, str(e).splitlines()[0])) from None
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        raise UserError("%s: not a readable PyTorch checkpoint (%s)"
+                        % (path, str(e).splitlines()[0] if str(e) else type(e).__name__)) from None
+
+
 def load_checkpoint(path, device="cpu"):
     """Load a ReDO checkpoint (.pth, or the .tar.gz archive the published weights come in).
 
@@ -51,15 +73,7 @@ def load_checkpoint(path, device="cpu"):
     if not os.path.isfile(path):
         raise UserError("%s: no such checkpoint file" % path)
     source = io.BytesIO(_read_archived_pth(path)) if tarfile.is_tarfile(path) else path
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            state = torch.load(source, map_location=torch.device(device), weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UserError("%s: refused to load: it holds objects other than tensors and options, "
-                        "which could run code (%s)" % (path, str(e).splitlines()[0])) from None
-    except (RuntimeError, EOFError, ValueError) as e:
-        raise UserError("%s: not a readable PyTorch checkpoint (%s)"
-                        % (path, str(e).splitlines()[0] if str(e) else type(e).__name__)) from None
+    state = safe_torch_load(source, path, device)
     if not isinstance(state, dict) or "options" not in state:
         raise UserError("%s: not a ReDO checkpoint (expected a dict with 'options' and nets)" % path)
     return state
@@ -108,15 +122,18 @@ def segmentation_scores(mPred, mData):
 
     A pixel belongs to the region with the largest mask (the first on ties). For K = 2 the
     two assignments are {region 0} (mPred[:, 0] >= .5) and {region 1} (mPred[:, 0] < .5):
-    the original's score exactly. IoU is NaN for an image where both masks are empty.
+    the original's score exactly. IoU is NaN for an image where both masks are empty, and
+    both scores are NaN for an image whose mask is NaN (unknown).
     """
     region = mPred.argmax(1, keepdim=True)
+    unknown = mData.isnan().flatten(1).any(1)  # LFW's train split has no ground truth
     accs, ious = [], []
     for subset in foreground_assignments(mPred.size(1)):
         pred = torch.isin(region, torch.tensor(subset, device=region.device)).float()
         accs.append((pred == mData).float().mean((-1, -2)))
         ious.append(((pred + mData) == 2).float().sum((-1, -2)) / ((pred + mData) >= 1).float().sum((-1, -2)))
-    return torch.stack(accs).amax(0).squeeze(1), torch.stack(ious).amax(0).squeeze(1)
+    acc, iou = torch.stack(accs).amax(0).squeeze(1), torch.stack(ious).amax(0).squeeze(1)
+    return acc.masked_fill(unknown, float("nan")), iou.masked_fill(unknown, float("nan"))
 
 
 def min_region_size(mPred):
@@ -138,3 +155,42 @@ def evaluate(netEncM, loader, device):
     if nBatches == 0:
         raise UserError("evaluation got no batch: the split has fewer images than --batchSize")
     return sumAcc / nBatches, sumIoU / nBatches, min_region_size(mPred)
+
+
+# ----------------------------------------------------------------------------- writing files
+
+def atomic_write(path, write):
+    """Write a file so that it is either complete or absent/unchanged: write(f) fills a
+    temporary file in the same folder, which is flushed to disk and then renamed over path."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, ".%s.tmp%d" % (os.path.basename(path), os.getpid()))
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_save(obj, path):
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def append_line(path, line):
+    """Append a line to a small text file (train.dat, val.dat), atomically."""
+    old = b""
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            old = f.read()
+    atomic_write(path, lambda f: f.write(old + line.encode() + b"\n"))
+
+
+def load_options(path):
+    """The options (argparse.Namespace) saved in OUTF/options.pth."""
+    opt = safe_torch_load(path, path)
+    if not isinstance(opt, argparse.Namespace):
+        raise UserError("%s: expected saved training options (an argparse.Namespace)" % path)
+    return opt

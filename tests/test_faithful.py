@@ -235,3 +235,18 @@ def test_other_configurations_match_the_original(record, fixture_options):
         assert got[name] == pytest.approx(values, rel=1e-3, abs=1e-3), name
     for name, net in nets.items():
         assert_stats_close(state_stats(net.state_dict()), record["final"][name], name, rel=1e-3, abs_=1e-3)
+
+
+def test_skip_ortho_init_sn_leaves_spectral_norm_layers_at_default_init_and_draws_the_same_numbers(fixture_options):
+    def built(skip):
+        torch.manual_seed(9)
+        return models.build_nets(argparse.Namespace(**{**vars(fixture_options), "skipOrthoInitSN": skip}))
+    usual, skipped = built(False), built(True)
+    for (name, a), (_, b) in zip(usual.items(), skipped.items()):
+        for (key, ta), (_, tb) in zip(a.state_dict().items(), b.state_dict().items()):
+            if key.endswith("weight_orig"):
+                assert not torch.equal(ta, tb), (name, key)
+            else:  # same random numbers drawn: every other tensor is identical
+                assert torch.equal(ta, tb), (name, key)
+    w = skipped.netDX.blocs[0][1].weight_orig.flatten(1)
+    assert not torch.allclose(w @ w.t(), 0.64 * torch.eye(w.size(0)), atol=1e-3)

@@ -1,0 +1,228 @@
+"""The datasets of the original (Flowers, CUB, LFW and the coloured-MNIST toy), read from
+their published on-disk formats, with the original's splits and preprocessing.
+
+Every item is (image, mask): the image (3, sizex, sizex) in [-1, 1], the mask
+(1, sizex, sizex) with 1 on the object. Images and masks are resized (shorter side to
+sizex, nearest neighbour) and centre-cropped, as in the original.
+"""
+import os
+import random
+
+import numpy as np
+import torch
+import torchvision.transforms as T
+from PIL import Image
+from scipy import io
+
+from utils import UserError
+
+SPLITS = ("train", "val", "test")
+
+LAYOUTS = {
+    "flowers": "DATAROOT/jpg/image_00001.jpg ..., DATAROOT/segmim/segmim_00001.jpg ..., DATAROOT/setid.mat",
+    "cub": "DATAROOT/images.txt, DATAROOT/train_val_test_split.txt (from this repository), "
+           "DATAROOT/images/<class>/<name>.jpg, DATAROOT/segmentations/<class>/<name>.png",
+    "lfw": "DATAROOT/train.txt, val.txt, test.txt (from this repository), "
+           "DATAROOT/lfw_funneled/<person>/<name>.jpg, DATAROOT/parts_lfw_funneled_gt_images/<name>.ppm",
+    "cmnist": "DATAROOT/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte (downloaded when online)",
+}
+
+
+def resize_and_crop(sizex):
+    """The original's preprocessing: shorter side to sizex (nearest), centre crop, to [0, 1]."""
+    return T.Compose([T.Resize(sizex, T.InterpolationMode.NEAREST), T.CenterCrop(sizex), T.ToTensor()])
+
+
+def open_image(path, mode=None):
+    """Decode an image file; an unreadable one is a UserError that names it."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert(mode) if mode and img.mode != mode else img
+    except FileNotFoundError:
+        raise UserError("%s: image file missing" % path) from None
+    except OSError as e:
+        raise UserError("%s: cannot decode this image (%s)" % (path, e)) from None
+
+
+def require_files(dataset, root, *names):
+    """Fail early, naming the first missing file or folder and the expected layout."""
+    if not os.path.isdir(root):
+        raise UserError("--dataroot %s: no such folder (expected for --dataset %s: %s)"
+                        % (root, dataset, LAYOUTS[dataset]))
+    for name in names:
+        if not os.path.exists(os.path.join(root, name)):
+            raise UserError("--dataroot %s: missing %s (expected for --dataset %s: %s)"
+                            % (root, name, dataset, LAYOUTS[dataset]))
+
+
+def check_split(split):
+    if split not in SPLITS:
+        raise ValueError("split must be one of %s, not %r" % (SPLITS, split))
+
+
+class FlowersDataset(torch.utils.data.Dataset):
+    """Oxford Flowers 102 with the segmentations of Nilsback & Zisserman.
+
+    As in the original (and the paper), the splits of setid.mat are used crosswise:
+    train = 'tstid' (6149 images), val = 'valid', test = 'trnid'. The segmentation
+    images paint the background pure blue; a pixel is background when its red or green
+    value is 0 or its blue value is 254 (the original's rule).
+    """
+    SETID_KEYS = {"train": "tstid", "val": "valid", "test": "trnid"}
+
+    def __init__(self, dataPath, sets="train", transform=None, sizex=128):
+        check_split(sets)
+        require_files("flowers", dataPath, "setid.mat", "jpg", "segmim")
+        try:
+            setid = io.loadmat(os.path.join(dataPath, "setid.mat"))
+            self.files = setid[self.SETID_KEYS[sets]][0]
+        except (ValueError, KeyError, OSError, IndexError) as e:
+            raise UserError("%s: not a Flowers setid.mat with tstid/valid/trnid (%s)"
+                            % (os.path.join(dataPath, "setid.mat"), e)) from None
+        self.transform = transform or resize_and_crop(sizex)
+        self.datapath = dataPath
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, idx):
+        number = self.files[idx]
+        img = self.transform(open_image(os.path.join(self.datapath, "jpg", "image_%05d.jpg" % number), "RGB"))
+        seg = np.array(open_image(os.path.join(self.datapath, "segmim", "segmim_%05d.jpg" % number), "RGB"))
+        background = (seg[:, :, 0] == 0) | (seg[:, :, 1] == 0) | (seg[:, :, 2] == 254)
+        seg = self.transform(Image.fromarray(np.where(background, 0, 255).astype(np.uint8)))
+        return img * 2 - 1, seg
+
+
+class CUBDataset(torch.utils.data.Dataset):
+    """Caltech-UCSD Birds 200-2011; the split file train_val_test_split.txt (0 train,
+    1 val, 2 test) comes with this repository. Soft segmentations are thresholded at .5."""
+    SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
+
+    def __init__(self, dataPath, sets="train", transform=None, sizex=128):
+        check_split(sets)
+        require_files("cub", dataPath, "images.txt", "train_val_test_split.txt", "images", "segmentations")
+        splits = _load_table(os.path.join(dataPath, "train_val_test_split.txt"), int)
+        files = _load_table(os.path.join(dataPath, "images.txt"), str)
+        if len(splits) != len(files):
+            raise UserError("%s: %d lines, but images.txt has %d"
+                            % (os.path.join(dataPath, "train_val_test_split.txt"), len(splits), len(files)))
+        self.files = files[:, 1][splits[:, 1] == self.SPLIT_IDS[sets]]
+        self.transform = transform or resize_and_crop(sizex)
+        self.datapath = dataPath
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, idx):
+        filename = self.files[idx]
+        img = self.transform(open_image(os.path.join(self.datapath, "images", filename), "RGB"))
+        seg = self.transform(open_image(os.path.join(self.datapath, "segmentations", filename[:-3] + "png")))
+        return img * 2 - 1, (seg[:1] > .5).float()
+
+
+class LFWDataset(torch.utils.data.Dataset):
+    """Labeled Faces in the Wild (funneled) with the part labels of Kae et al.; the split
+    files train.txt, val.txt, test.txt come with this repository. The object is
+    everything that is not background (the blue channel of the part labels). The train
+    split has no masks: `has_masks` is False and its masks are NaN."""
+
+    def __init__(self, dataPath, sets="train", transform=None, sizex=128):
+        check_split(sets)
+        require_files("lfw", dataPath, sets + ".txt", "lfw_funneled")
+        self.has_masks = sets != "train"
+        if self.has_masks:
+            require_files("lfw", dataPath, "parts_lfw_funneled_gt_images")
+        self.files = _load_table(os.path.join(dataPath, sets + ".txt"), str)
+        self.transform = transform or resize_and_crop(sizex)
+        self.datapath = dataPath
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, idx):
+        person, name = self.files[idx, 0], self.files[idx, 1]
+        img = self.transform(open_image(os.path.join(self.datapath, "lfw_funneled", person, name + ".jpg"), "RGB"))
+        if self.has_masks:
+            parts = self.transform(open_image(os.path.join(self.datapath, "parts_lfw_funneled_gt_images",
+                                                           name + ".ppm"), "RGB"))
+            seg = 1 - parts[2:]
+        else:
+            seg = torch.full_like(img[:1], float("nan"))
+        return img * 2 - 1, seg
+
+
+def _load_table(path, dtype):
+    """A whitespace-separated text table (at least two columns) as a numpy array."""
+    try:
+        table = np.loadtxt(path, dtype, ndmin=2)
+    except (ValueError, OSError) as e:
+        raise UserError("%s: cannot read this table (%s)" % (path, e)) from None
+    if table.shape[1] < 2:
+        raise UserError("%s: expected two columns per line" % path)
+    return table
+
+
+class CMNISTDataset(torch.utils.data.Dataset):
+    """The original's toy dataset: an even and an odd MNIST digit (each 56x56, in its own
+    random colour) at random places on a plain background of random colour, 1000 images
+    per split, drawn afresh at each access (the index is ignored). val and test both use
+    MNIST's test set. The mask is 1 on either digit."""
+    size = 128
+
+    def __init__(self, dataPath, sets="train", transform=None, sizex=128):
+        check_split(sets)
+        import torchvision
+        try:
+            self.mnist = torchvision.datasets.MNIST(
+                dataPath, train=(sets == "train"), download=True,
+                transform=T.Compose([T.Resize(28 + 28, T.InterpolationMode.NEAREST), T.ToTensor()]))
+        except Exception as e:  # torchvision raises RuntimeError or URLError when offline
+            raise UserError("--dataset cmnist: MNIST is not in %s and could not be downloaded (%s); "
+                            "expected %s" % (os.path.join(dataPath, "MNIST", "raw"), str(e).splitlines()[0][:200],
+                                             LAYOUTS["cmnist"])) from None
+        self.digits = {0: iter(self.mnist), 1: iter(self.mnist)}
+
+    def __len__(self):
+        return 1000
+
+    def _next_digit(self, parity):
+        """The next digit of MNIST (cycling) whose label has this parity, binarised, 3 channels."""
+        while True:
+            try:
+                digit, label = next(self.digits[parity])
+            except StopIteration:
+                self.digits[parity] = iter(self.mnist)
+                digit, label = next(self.digits[parity])
+            if label % 2 == parity:
+                return (digit > .5).float().repeat(3, 1, 1)
+
+    def __getitem__(self, idx):
+        n = self.size
+        torch.randint(2, (3, 1, 1))  # the original draws a background here and discards it
+        image = torch.empty(3, 1, 1).uniform_(.33, .66).repeat(1, n, n)
+        image[0] = image[1]
+        colours = [torch.empty(3, 1, 1).uniform_(0, .33), torch.empty(3, 1, 1).uniform_(.66, 1)]
+        colours[0][1] = colours[0][2]
+        colours[1][0] = colours[1][2]
+        digits = [self._next_digit(0), self._next_digit(1)]
+        places = [(random.randint(0, n - d.size(1) - 1), random.randint(0, n - d.size(2) - 1)) for d in digits]
+        mask = torch.zeros(1, n, n)
+        order = (0, 1) if random.randint(0, 1) == 0 else (1, 0)
+        for k in order:
+            (px, py), digit = places[k], digits[k]
+            window = (slice(None), slice(px, px + digit.size(1)), slice(py, py + digit.size(2)))
+            image[window] = image[window] * (1 - digit) + digit * colours[k]
+            mask[window] = torch.max(mask[window], digit[:1])
+        return image * 2 - 1, mask
+
+
+DATASETS = {"flowers": FlowersDataset, "cub": CUBDataset, "lfw": LFWDataset, "cmnist": CMNISTDataset}
+
+
+def make_dataset(name, root, split, sizex=128):
+    """The dataset `name` ('flowers', 'cub', 'lfw', 'cmnist') at `root`, one of its splits."""
+    if name not in DATASETS:
+        raise UserError("--dataset %s: unknown dataset (expected one of %s)" % (name, ", ".join(DATASETS)))
+    return DATASETS[name](root, split, sizex=sizex)

@@ -1,0 +1,152 @@
+"""train.py end to end on miniature datasets in each dataset's exact on-disk format."""
+import argparse
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import utils
+from conftest import SMALL_RUN, fixture_path, run_script
+
+STATE_KEYS = {"netEncM", "netGenX", "netDX", "netRecZ", "optimizerEncM", "optimizerGenX", "optimizerDX",
+              "optimizerRecZ", "options"}
+
+
+def read_dat(path):
+    with open(path) as f:
+        return [[float(v) for v in line.split()] for line in f.read().splitlines()]
+
+
+def grid_size(nTest, nMasks, sizex=128, padding=2):
+    """(width, height) of a sample grid: nTest + 5 columns, nMasks * (nTest + 1) rows."""
+    return ((nTest + 5) * (sizex + padding) + padding, nMasks * (nTest + 1) * (sizex + padding) + padding)
+
+
+@pytest.mark.parametrize("dataset", ["flowers", "cub", "lfw"])
+def test_training_writes_the_original_files(dataset, minidata_root, tmp_path):
+    outf = tmp_path / "out"
+    result = run_script("train.py", "--dataset", dataset, "--dataroot", minidata_root / dataset, "--outf", outf,
+                        "--nIteration", 3, "--checkpointFreq", 2, "--manualSeed", 3, "--clean", *SMALL_RUN,
+                        cwd=tmp_path)
+    assert result.stdout == ""  # --silent
+    assert sorted(os.listdir(outf)) == ["best.pth", "options.pth", "out_00002.png", "out_00004.png",
+                                        "state_00004.pth", "train.dat", "val.dat"]
+    for name in ("out_00002.png", "out_00004.png"):
+        with Image.open(outf / name) as img:
+            assert img.size == grid_size(nTest=2, nMasks=2) and img.mode == "RGB"
+            pixels = np.asarray(img)
+        assert pixels.std() > 10  # images were drawn, not a blank grid
+    train_dat, val_dat = read_dat(outf / "train.dat"), read_dat(outf / "val.dat")
+    assert [row[0] for row in train_dat] == [2, 4] and [row[0] for row in val_dat] == [2, 4]
+    for _, acc, iou in val_dat:
+        assert 0 <= iou <= acc <= 1
+    if dataset == "lfw":  # LFW's train split has no masks
+        assert all(np.isnan(row[1:]).all() for row in train_dat)
+    else:
+        assert all(0 <= iou <= acc <= 1 for _, acc, iou in train_dat)
+    state = utils.load_checkpoint(outf / "state_00004.pth")
+    assert set(state) >= STATE_KEYS
+    opt = utils.load_options(outf / "options.pth")
+    assert isinstance(opt, argparse.Namespace) and opt.iteration == 4 and opt.device == "cpu"
+    assert opt.dataset == dataset and opt.nfX == 4 and opt.manualSeed == 3
+    assert opt.bestValIoU == max(row[2] for row in val_dat)
+    best = utils.load_checkpoint(outf / "best.pth")
+    assert best["options"].bestValIoU == opt.bestValIoU
+    nets = utils.load_nets(state, ["netEncM", "netGenX", "netDX", "netRecZ"])
+    assert nets.netEncM(torch.zeros(1, 3, 128, 128)).shape == (1, 2, 128, 128)
+
+
+def test_cmnist_toy_dataset(minidata_root, tmp_path):
+    outf = tmp_path / "out"
+    run_script("train.py", "--dataset", "cmnist", "--dataroot", minidata_root / "cmnist", "--outf", outf,
+               "--nIteration", 1, "--checkpointFreq", 2, "--nMasks", 3, *SMALL_RUN, cwd=tmp_path)
+    with Image.open(outf / "out_00002.png") as img:
+        assert img.size == grid_size(nTest=2, nMasks=3)
+    (_, acc, iou), = read_dat(outf / "val.dat")
+    assert 0 <= iou <= acc <= 1
+
+
+def test_cmnist_says_when_mnist_cannot_be_had(tmp_path):
+    result = run_script("train.py", "--dataset", "cmnist", "--dataroot", tmp_path / "nothing", "--outf", tmp_path,
+                        *SMALL_RUN, cwd=tmp_path, check=False)
+    assert result.returncode != 0
+    assert "MNIST is not in" in result.stderr and "could not be downloaded" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_seeded_run_retraces_the_original(tmp_path):
+    """Same flags and data as a recorded run of the original train.py: the same train.dat and
+    val.dat, and the same weights within float rounding (see fixtures/README.md)."""
+    import minidata
+    with open(fixture_path("original_train_run.json")) as f:
+        original = json.load(f)
+    root = minidata.make_flowers(str(tmp_path / "flowers"), seed=0)
+    outf = tmp_path / "out"
+    # any positive number of workers draws the original's random numbers (it always used 4)
+    run_script("train.py", *original["flags"], "--dataroot", root, "--outf", outf, "--workers", 1,
+               "--device", "cpu", cwd=tmp_path)
+    assert sorted(os.listdir(outf)) == original["files"]
+    for name in ("train.dat", "val.dat"):
+        ours = read_dat(outf / name)
+        theirs = [[float(v) for v in line.split()] for line in original[name]]
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6, err_msg=name)
+    state = utils.load_checkpoint(outf / "state_00006.pth")
+    reference = torch.load(fixture_path("original_train_run_state_00006.pt"))
+    for net, ref in reference.items():
+        diffs = torch.cat([(state[net][k] - ref[k]).abs().flatten() for k in ref])
+        # six Adam steps (beta1 = 0) move a weight by about lr each: a gradient at rounding
+        # level can flip a step's sign, so a few weights differ, by at most 2 * 6 * lr
+        assert diffs.max() <= 1.2e-3, net
+        assert (diffs > 1e-5).float().mean() <= 0.01, net
+
+
+def test_auto_restart_after_a_forced_collapse(minidata_root, tmp_path):
+    outf = tmp_path / "out"
+    common = ["--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--outf", outf,
+              "--checkpointFreq", 2, "--manualSeed", 5] + SMALL_RUN
+    run_script("train.py", *common, "--nIteration", 1, cwd=tmp_path)
+    # make region 0 take the whole image: the sigmoid of a huge bias
+    state = utils.load_checkpoint(outf / "state_00002.pth")
+    state["netEncM"]["out.mods.9.bias"].fill_(100.0)
+    torch.save(state, outf / "state_00002.pth")
+    collapsed = state["netEncM"]["out.mods.9.weight"].clone()
+    common.remove("--silent")
+    result = run_script("train.py", *common, "--iteration", 2, "--nIteration", 3, "--autoRestart", 0.1,
+                        cwd=tmp_path)
+    assert "Training appear to have collapsed.\nReinitializing training." in result.stdout
+    # the first run's checkpoint at 2, the collapsed one at 4, then 2 and 4 again after the restart
+    assert [row[0] for row in read_dat(outf / "val.dat")] == [2, 4, 2, 4]
+    restarted = utils.load_checkpoint(outf / "state_00004.pth")
+    assert restarted["netEncM"]["out.mods.9.bias"].abs().max() < 1
+    assert not torch.equal(restarted["netEncM"]["out.mods.9.weight"], collapsed)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--dataset", "imagenet"], "--dataset imagenet: unknown dataset (expected one of flowers, cub, lfw, cmnist)"),
+    (["--sizex", "64"], "--sizex 64: only 128 is supported"),
+    (["--nMasks", "1"], "--nMasks 1: ReDO needs at least 2 regions"),
+    (["--batchSize", "0"], "--batchSize 0: expected a positive number"),
+    (["--nTest", "50"], "--nTest 50: larger than the test split (4 images)"),
+    (["--dataroot", "/nonexistent"], "--dataroot /nonexistent: no such folder"),
+])
+def test_bad_flags_get_one_clear_line(flags, message, minidata_root, tmp_path):
+    args = ["--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--outf", tmp_path / "out",
+            "--nIteration", 0] + SMALL_RUN + flags
+    result = run_script("train.py", *args, cwd=tmp_path, check=False)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_missing_dataset_file_is_named(minidata_root, tmp_path):
+    import shutil
+    root = tmp_path / "cub"
+    shutil.copytree(minidata_root / "cub", root)
+    os.remove(root / "train_val_test_split.txt")
+    result = run_script("train.py", "--dataset", "cub", "--dataroot", root, "--outf", tmp_path / "out",
+                        *SMALL_RUN, cwd=tmp_path, check=False)
+    assert result.returncode != 0
+    assert "missing train_val_test_split.txt" in result.stderr and "images.txt" in result.stderr
