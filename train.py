@@ -147,6 +147,8 @@ def resolve_options(opt):
             raise UserError("--resume: %s does not exist (no checkpoint to resume in --outf %s)" % (path, opt.outf))
         saved = utils.load_options(path)
         saved.clean, saved.silent, saved.outf, saved.resume = opt.clean, opt.silent, opt.outf, True
+        if opt.device is not None:  # the machine may have changed since
+            saved.device = opt.device
         opt = saved
     if "bestValIoU" not in opt:
         opt.bestValIoU = 0
@@ -155,8 +157,7 @@ def resolve_options(opt):
             setattr(opt, name, opt.nf)
     if opt.manualSeed is None:
         opt.manualSeed = random.randint(1, 10000)
-    if getattr(opt, "device", None) is None:
-        opt.device = utils.default_device()
+    opt.device = utils.resolve_device(getattr(opt, "device", None))
     check_options(opt)
     return opt
 
@@ -182,12 +183,7 @@ def check_options(opt):
         raise UserError("--temperature %s: expected a positive number" % opt.temperature)
     if opt.wrecZ < 0:
         raise UserError("--wrecZ %s: expected 0 (no noise reconstructor) or more" % opt.wrecZ)
-    try:
-        torch.device(opt.device)
-    except RuntimeError:
-        raise UserError("--device %s: expected cpu, cuda or cuda:N" % opt.device) from None
-    if torch.device(opt.device).type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device %s: CUDA is not available on this machine (use --device cpu)" % opt.device)
+    utils.resolve_device(opt.device)
 
 
 # ----------------------------------------------------------------------------- data

@@ -27,8 +27,20 @@ def user_error_message(error):
     return message
 
 
-def default_device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def resolve_device(name=None):
+    """The device to run on, as a string: `name` (cpu, cuda, cuda:N) checked, or CUDA when
+    available, else the CPU."""
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError("--device %s: expected cpu, cuda or cuda:N" % name) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device %s: CUDA is not available on this machine (use --device cpu)" % name)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError("--device %s: this machine has %d CUDA devices" % (name, torch.cuda.device_count()))
+    return name
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -1,0 +1,110 @@
+"""example_load_pretrained.py as a user runs it: published checkpoint forms, own images, scores."""
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import datasets
+import utils
+from conftest import SMALL_RUN, fixture_path, run_script
+
+SCRIPT = "example_load_pretrained.py"
+
+
+def grid_shape(rows, columns, sizex=128, padding=2):
+    return (columns * (sizex + padding) + padding, rows * (sizex + padding) + padding)
+
+
+@pytest.mark.parametrize("weights, columns", [
+    (["--statePath", fixture_path("redo_small_nets_state.pth")], 6),
+    (["--statePath", fixture_path("redo_small_nets_state.tar.gz")], 6),
+    (["--statePathM", fixture_path("redo_small_netM_state.tar.gz"),
+      "--statePathX", fixture_path("redo_small_nets_state.pth")], 6),
+    (["--statePathM", fixture_path("redo_small_netM_state.pth")], 4),
+])
+def test_sample_grid_from_each_checkpoint_form(weights, columns, minidata_root, tmp_path):
+    result = run_script(SCRIPT, *weights, "--dataroot", minidata_root / "flowers", "--batch_size", 3,
+                        "--device", "cpu", cwd=tmp_path)
+    out = tmp_path / "out.png"
+    assert "wrote %s: 3 images of the train split of flowers, %d columns" % (out, columns) in result.stdout
+    with Image.open(out) as img:
+        assert img.size == grid_shape(rows=3, columns=columns)
+        assert np.asarray(img).std() > 10
+    if columns == 4:
+        assert "no redraws: they need the region generators (netGenX): give --statePathX" in result.stdout
+
+
+def test_lfw_defaults_to_its_test_split_and_split_can_be_chosen(minidata_root, tmp_path):
+    args = ["--statePathM", fixture_path("redo_small_netM_state.pth"), "--dataroot", minidata_root / "lfw",
+            "--dataset", "lfw", "--batch_size", 2, "--device", "cpu"]
+    assert "of the test split of lfw" in run_script(SCRIPT, *args, cwd=tmp_path).stdout
+    assert "of the val split of lfw" in run_script(SCRIPT, *args, "--split", "val", cwd=tmp_path).stdout
+
+
+def test_score_prints_the_evaluate_scores_over_the_whole_split(minidata_root, tmp_path):
+    result = run_script(SCRIPT, "--statePathM", fixture_path("redo_small_netM_state.tar.gz"), "--dataroot",
+                        minidata_root / "cub", "--dataset", "cub", "--split", "val", "--score", "--batch_size", 3,
+                        "--device", "cpu", cwd=tmp_path)
+    acc, iou = map(float, re.search(r"val split of cub \(4 images\): accuracy (\S+) IoU (\S+)", result.stdout).groups())
+    state = utils.load_checkpoint(fixture_path("redo_small_netM_state.pth"))
+    netEncM = utils.load_nets(state, ["netEncM"]).netEncM
+    loader = torch.utils.data.DataLoader(datasets.make_dataset("cub", str(minidata_root / "cub"), "val"), batch_size=3)
+    ref_acc, ref_iou, _ = utils.evaluate(netEncM, loader, "cpu")
+    assert acc == pytest.approx(ref_acc, abs=1e-4) and iou == pytest.approx(ref_iou, abs=1e-4)
+
+
+def test_masks_of_own_images_at_their_own_size(tmp_path):
+    own = tmp_path / "photos"
+    (own / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    sizes = {"a.jpg": (97, 61), "b.png": (40, 300), "sub/c.bmp": (128, 128)}
+    for name, (w, h) in sizes.items():
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(own / name)
+    Image.fromarray(rng.integers(0, 255, (20, 30), dtype=np.uint8)).save(own / "gray.png")
+    (own / "notes.txt").write_text("not an image")
+    result = run_script(SCRIPT, "--statePath", fixture_path("redo_small_nets_state.tar.gz"), "--images", own,
+                        "--outdir", "masks", "--redraw", "--device", "cpu", cwd=tmp_path)
+    assert "wrote the masks of 4 images to %s" % (tmp_path / "masks") in result.stdout
+    sizes["gray.png"] = (30, 20)
+    for name, size in sizes.items():
+        base = tmp_path / "masks" / os.path.splitext(name)[0]
+        with Image.open(str(base) + "_mask.png") as m, Image.open(str(base) + "_soft.png") as s:
+            assert m.size == size and s.size == size and m.mode == "L" and s.mode == "L"
+            mask, soft = np.asarray(m), np.asarray(s).astype(int)
+        assert set(np.unique(mask)) <= {0, 255}
+        # two regions: the binary mask of region 0 is its soft mask >= .5
+        assert (mask[soft >= 129] == 255).all() and (mask[soft <= 126] == 0).all()
+        for k in range(2):
+            with Image.open(str(base) + "_redraw%d.png" % k) as r:
+                assert r.size == size and r.mode == "RGB"
+    assert not (tmp_path / "masks" / "notes_mask.png").exists()
+
+
+def test_unreadable_own_image_is_named(tmp_path):
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    result = run_script(SCRIPT, "--statePathM", fixture_path("redo_small_netM_state.pth"), "--images",
+                        tmp_path / "broken.jpg", "--device", "cpu", cwd=tmp_path, check=False)
+    assert result.returncode != 0
+    assert "broken.jpg: cannot decode this image" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_redraw_without_generators_says_what_is_missing(tmp_path):
+    Image.new("RGB", (50, 40)).save(tmp_path / "x.png")
+    result = run_script(SCRIPT, "--statePathM", fixture_path("redo_small_netM_state.pth"), "--images",
+                        tmp_path / "x.png", "--redraw", "--device", "cpu", cwd=tmp_path, check=False)
+    assert result.returncode != 0
+    assert "--redraw needs the netGenX (region generators): give --statePathX" in result.stderr
+
+
+def test_our_own_training_checkpoints_load(minidata_root, tmp_path):
+    outf = tmp_path / "run"
+    run_script("train.py", "--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--outf", outf,
+               "--nIteration", 1, "--checkpointFreq", 2, *SMALL_RUN, cwd=tmp_path)
+    for name in ("state_00002.pth", "best.pth"):
+        result = run_script(SCRIPT, "--statePath", outf / name, "--dataroot", minidata_root / "flowers",
+                            "--batch_size", 2, "--score", "--device", "cpu", cwd=tmp_path)
+        assert "loaded netEncM, netGenX, netDX, netRecZ on cpu" in result.stdout
+        assert re.search(r"train split of flowers \(6 images\): accuracy 0\.\d+ IoU 0\.\d+", result.stdout)
