@@ -4,10 +4,12 @@
 """
 import argparse
 import functools
+import glob
 import os
 import random
 import sys
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.utils as vutils
@@ -138,18 +140,38 @@ def make_parser():
     return p
 
 
-def resolve_options(opt):
-    """Options after --resume and defaults: the run's options come from OUTF/options.pth
-    when resuming (except --clean, --silent, --outf), unset nf* default to --nf."""
+RESUME_OVERRIDES = ("clean", "silent", "outf", "device", "workers", "nIteration")
+
+
+def explicit_flags(argv=None):
+    """The options given on the command line (not left at their defaults)."""
+    parser = make_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def resolve_options(opt, explicit=()):
+    """The run's options and the checkpoint it starts from, if any.
+
+    --resume takes the options saved in the newest complete checkpoint of --outf, except
+    --clean, --silent and --outf (as the original) and, when given, --device, --workers
+    and --nIteration. --iteration N starts from OUTF/state_N.pth with the command line's
+    options.
+    """
+    checkpoint = None
     if opt.resume:
-        path = os.path.join(opt.outf, "options.pth")
-        if not os.path.isfile(path):
-            raise UserError("--resume: %s does not exist (no checkpoint to resume in --outf %s)" % (path, opt.outf))
-        saved = utils.load_options(path)
-        saved.clean, saved.silent, saved.outf, saved.resume = opt.clean, opt.silent, opt.outf, True
-        if opt.device is not None:  # the machine may have changed since
-            saved.device = opt.device
-        opt = saved
+        path, state = latest_checkpoint(opt.outf, "cpu")
+        saved = state["options"]
+        ignored = sorted(explicit - set(RESUME_OVERRIDES) - {"resume", "iteration"})
+        if ignored:
+            print("--resume: continuing with the run's saved options; ignoring --%s" % ", --".join(ignored),
+                  file=sys.stderr)
+        for name in RESUME_OVERRIDES:
+            if name in explicit or name in ("clean", "silent", "outf"):
+                setattr(saved, name, getattr(opt, name))
+        saved.resume = True
+        opt, checkpoint = saved, (path, state)
     if "bestValIoU" not in opt:
         opt.bestValIoU = 0
     for name in ("nfD", "nfX", "nfM", "nfZ"):
@@ -159,7 +181,12 @@ def resolve_options(opt):
         opt.manualSeed = random.randint(1, 10000)
     opt.device = utils.resolve_device(getattr(opt, "device", None))
     check_options(opt)
-    return opt
+    if checkpoint is None and opt.iteration > 0:
+        path = state_path(opt, opt.iteration)
+        if not os.path.isfile(path):
+            raise UserError("--iteration %d: %s does not exist" % (opt.iteration, path))
+        checkpoint = (path, utils.load_checkpoint(path, "cpu"))
+    return opt, checkpoint
 
 
 def check_options(opt):
@@ -188,25 +215,63 @@ def check_options(opt):
 
 # ----------------------------------------------------------------------------- data
 
-def make_loader(dataset, batch_size, workers):
+def make_loader(dataset, batch_size, workers, sampler=None):
     """Shuffled batches, the last incomplete one dropped, as every loader of the original."""
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
-                                       drop_last=True)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
+                                       num_workers=workers, drop_last=True)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """torch's RandomSampler (same random draws: a seed from the global generator at the
+    start of each epoch, then a permutation), which remembers the epoch's seed and can
+    start an epoch part-way through, so that training resumes mid-epoch exactly."""
+
+    def __init__(self, size):
+        self.size = size
+        self.seed = None
+        self._resume_at = None
+
+    def resume(self, seed, skip):
+        self._resume_at = (seed, skip)
+
+    def __iter__(self):
+        if self._resume_at is not None:
+            self.seed, skip = self._resume_at
+            self._resume_at = None
+        else:
+            self.seed, skip = int(torch.empty((), dtype=torch.int64).random_().item()), 0
+        generator = torch.Generator()
+        generator.manual_seed(self.seed)
+        yield from torch.randperm(self.size, generator=generator).tolist()[skip:]
+
+    def __len__(self):
+        return self.size
 
 
 class BatchStream:
-    """Endless batches from a loader, a new shuffled epoch whenever one ends."""
+    """Endless shuffled batches of a dataset, a new epoch whenever one ends, resumable."""
 
-    def __init__(self, loader):
-        self.loader = loader
-        self.batches = iter(loader)
+    def __init__(self, dataset, batch_size, workers, state=None):
+        self.sampler = EpochSampler(len(dataset))
+        self.loader = make_loader(dataset, batch_size, workers, self.sampler)
+        self.consumed = 0  # batches of the current epoch
+        if state is not None:
+            self.sampler.resume(state["epoch_seed"], state["batches_consumed"] * batch_size)
+            self.consumed = state["batches_consumed"]
+        self.batches = iter(self.loader)
 
     def __next__(self):
         try:
-            return next(self.batches)
+            batch = next(self.batches)
         except StopIteration:
             self.batches = iter(self.loader)
-            return next(self.batches)
+            self.consumed = 0
+            batch = next(self.batches)
+        self.consumed += 1
+        return batch
+
+    def state_dict(self):
+        return {"epoch_seed": self.sampler.seed, "batches_consumed": self.consumed}
 
 
 class SampleGrid:
@@ -218,16 +283,23 @@ class SampleGrid:
     (the same fresh noise down a column).
     """
 
-    def __init__(self, testset, opt, device):
+    def __init__(self, x, m, z, zn):
+        self.x, self.m, self.z, self.zn = x, m, z, zn
+
+    @classmethod
+    def draw(cls, testset, opt, device):
+        """A shuffled batch of nTest test images and its noise, drawn as the original does."""
         try:
             x, m = next(iter(make_loader(testset, opt.nTest, opt.workers)))
         except StopIteration:
             raise UserError("--nTest %d: larger than the test split (%d images)" % (opt.nTest, len(testset))) from None
-        self.x = x.to(device)
-        self.z = torch.randn((opt.nTest, opt.nMasks, opt.nz, 1, 1), device=device)
-        self.zn = torch.randn((opt.nTest, opt.nz, 1, 1), device=device)
+        z = torch.randn((opt.nTest, opt.nMasks, opt.nz, 1, 1), device=device)
+        zn = torch.randn((opt.nTest, opt.nz, 1, 1), device=device)
         m = m[:, :1].float()
-        self.m = (m / m.amax(dim=(1, 2, 3), keepdim=True) * 2 - 1).to(device)
+        return cls(x.to(device), (m / m.amax(dim=(1, 2, 3), keepdim=True) * 2 - 1).to(device), z, zn)
+
+    def state_dict(self):
+        return {"x": self.x, "m": self.m, "z": self.z, "zn": self.zn}
 
     @torch.no_grad()
     def render(self, nets):
@@ -255,115 +327,187 @@ class SampleGrid:
                                                              value_range=(-1, 1), nrow=self.x.size(0) + 5))
 
 
-# ----------------------------------------------------------------------------- the training program
-
-def restart_nets(nets, opt, device):
-    """Fresh nets and optimizers after a collapse, drawing random numbers as the original
-    does: new mask extractor, generators and discriminator; the noise reconstructor is
-    re-initialised in place (its spectral-norm vectors are kept)."""
-    fresh = models.build_nets(opt, device, netRecZ=nets.netRecZ)
-    return fresh, make_optimizers(fresh, opt)
-
-
-def checkpoint_state(nets, optimizers, opt):
-    """What state_%05d.pth holds: the original's keys."""
-    state = {name: net.state_dict() for name, net in nets.items()}
-    state.update({name: optimizer.state_dict() for name, optimizer in optimizers.items()})
-    state["options"] = opt
-    return state
-
-
-def load_training_state(nets, optimizers, opt):
-    path = os.path.join(opt.outf, "state_%05d.pth" % opt.iteration)
-    if not os.path.isfile(path):
-        raise UserError("--iteration %d: %s does not exist" % (opt.iteration, path))
-    state = utils.load_checkpoint(path, opt.device)
-    for name, net in nets.items():
-        if name not in state:
-            raise UserError("%s: has no %s (was it saved with --wrecZ 0?)" % (path, name))
-        try:
-            net.load_state_dict(state[name])
-        except RuntimeError as e:
-            raise UserError("%s: %s was built for another configuration (%s)"
-                            % (path, name, str(e).splitlines()[-1].strip())) from None
-    for name, optimizer in optimizers.items():
-        optimizer.load_state_dict(state[name])
-
-
-def check_output_folder(outf):
-    try:
-        os.makedirs(outf, exist_ok=True)
-        utils.atomic_write(os.path.join(outf, ".write_test"), lambda f: f.write(b"ok"))
-        os.remove(os.path.join(outf, ".write_test"))
-    except OSError as e:
-        raise UserError("--outf %s: cannot write there (%s)" % (outf, e.strerror or e)) from None
-
+# ----------------------------------------------------------------------------- random number generators
 
 def seed_everything(seed):
     random.seed(seed)
     torch.manual_seed(seed)
 
 
-def run(opt):
-    """The original's training program: returns the options at the end (iteration, bestValIoU)."""
-    check_output_folder(opt.outf)
-    log = (lambda *a: None) if opt.silent else print
-    log("Random Seed: ", opt.manualSeed)
-    seed_everything(opt.manualSeed)
-    device = torch.device(opt.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    trainset, valset, testset = (datasets.make_dataset(opt.dataset, opt.dataroot, split, opt.sizex)
-                                 for split in ("train", "val", "test"))
-    trainloader = make_loader(trainset, opt.batchSize, opt.workers)
-    nets = models.build_nets(opt, device)
-    optimizers = make_optimizers(nets, opt)
-    if opt.iteration > 0:
-        load_training_state(nets, optimizers, opt)
-    else:
-        for name in ("train.dat", "test.dat", "val.dat"):
-            if os.path.exists(os.path.join(opt.outf, name)):
-                os.remove(os.path.join(opt.outf, name))
-    grid = SampleGrid(testset, opt, device)
-    valloader = make_loader(valset, opt.batchSize, opt.workers)
-    genData, disData = BatchStream(trainloader), BatchStream(trainloader)
-    pbar = None
-    while opt.iteration <= opt.nIteration:
-        if pbar is None and not opt.silent:
-            pbar = tqdm(total=opt.checkpointFreq)
-        if pbar is not None:
-            pbar.update(1)
-        xData, xReal = next(genData)[0].to(device), next(disData)[0].to(device)
-        zData = torch.randn((xData.size(0), opt.nMasks, opt.nz, 1, 1), device=device)
-        losses = training_iteration(nets, optimizers, xData, xReal, zData, opt, opt.iteration)
+def rng_states():
+    """Every generator a run draws from, in a form that loads with weights_only=True."""
+    _, key, pos, has_gauss, gauss = np.random.get_state()
+    states = {"python": random.getstate(), "torch": torch.get_rng_state(),
+              "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
+                        "gauss": gauss}}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states):
+    random.setstate(states["python"])
+    torch.set_rng_state(states["torch"])
+    n = states["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+DAT_FILES = ("train.dat", "val.dat")
+NETWORK_OPTIONS = ("nx", "nz", "nMasks", "nResM", "nfD", "nfX", "nfM", "nfZ", "useSelfAttD", "useSelfAttG")
+
+
+def state_path(opt, iteration):
+    return os.path.join(opt.outf, "state_%05d.pth" % iteration)
+
+
+def check_same_networks(saved, opt, path):
+    """A checkpoint loads only into nets of its own configuration: name what differs."""
+    differences = ["%s=%s (this run: %s)" % (key, getattr(saved, key), getattr(opt, key))
+                   for key in NETWORK_OPTIONS if getattr(saved, key, None) != getattr(opt, key)]
+    if (saved.wrecZ > 0) != (opt.wrecZ > 0):
+        differences.append("wrecZ=%s (this run: %s)" % (saved.wrecZ, opt.wrecZ))
+    if differences:
+        raise UserError("%s: saved for another configuration: %s" % (path, ", ".join(differences)))
+
+
+def latest_checkpoint(outf, device):
+    """(path, state) of the newest state_*.pth in outf that loads; incomplete ones are skipped."""
+    paths = glob.glob(os.path.join(glob.escape(outf), "state_[0-9]*.pth"))
+    for path in sorted(paths, key=lambda p: (os.path.getmtime(p), p), reverse=True):
+        try:
+            return path, utils.load_checkpoint(path, device)
+        except UserError as e:
+            print("skipping %s" % e, file=sys.stderr)
+    raise UserError("--resume: no checkpoint to resume in --outf %s (no complete state_*.pth)" % outf)
+
+
+def count_lines(path):
+    if not os.path.exists(path):
+        return 0
+    with open(path, "rb") as f:
+        return len(f.read().splitlines())
+
+
+def truncate_lines(path, n):
+    """Keep the first n lines: what was written after the checkpoint we resume from goes."""
+    if count_lines(path) > n:
+        with open(path, "rb") as f:
+            lines = f.read().splitlines(keepends=True)[:n]
+        utils.atomic_write(path, lambda f: f.write(b"".join(lines)))
+
+
+# ----------------------------------------------------------------------------- the training program
+
+class TrainingRun:
+    """What a run holds between iterations. Set up as the original sets up, drawing random
+    numbers in its order; or from a checkpoint, continuing exactly where it was saved."""
+
+    def __init__(self, opt, checkpoint=None):
+        self.opt = opt
+        self.device = torch.device(opt.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        self.log = (lambda *a: None) if opt.silent else print
+        self.log("Random Seed: ", opt.manualSeed)
+        seed_everything(opt.manualSeed)
+        trainset, valset, testset = (datasets.make_dataset(opt.dataset, opt.dataroot, split, opt.sizex)
+                                     for split in ("train", "val", "test"))
+        self.trainloader = make_loader(trainset, opt.batchSize, opt.workers)
+        self.nets = models.build_nets(opt, self.device)
+        self.optimizers = make_optimizers(self.nets, opt)
+        resume = None
+        if checkpoint is not None:
+            self.load_nets_and_optimizers(*checkpoint)
+            resume = checkpoint[1].get("resume")
+        else:
+            for name in ("train.dat", "test.dat", "val.dat"):
+                if os.path.exists(os.path.join(opt.outf, name)):
+                    os.remove(os.path.join(opt.outf, name))
+        if resume is None:
+            self.grid = SampleGrid.draw(testset, opt, self.device)
+        else:
+            self.grid = SampleGrid(**{k: v.to(self.device) for k, v in resume["sampleGrid"].items()})
+        self.valloader = make_loader(valset, opt.batchSize, opt.workers)
+        self.genData = BatchStream(trainset, opt.batchSize, opt.workers, resume and resume["genData"])
+        self.disData = BatchStream(trainset, opt.batchSize, opt.workers, resume and resume["disData"])
+        if resume is not None:
+            for name in DAT_FILES:
+                truncate_lines(os.path.join(opt.outf, name), resume["datLines"][name])
+            restore_rng_states(resume["rng"])
+
+    def load_nets_and_optimizers(self, path, state):
+        check_same_networks(state["options"], self.opt, path)
+        for name, net in self.nets.items():
+            net.load_state_dict(state[name])
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(state[name])
+
+    def train_one_iteration(self):
+        opt = self.opt
+        xData, xReal = next(self.genData)[0].to(self.device), next(self.disData)[0].to(self.device)
+        zData = torch.randn((xData.size(0), opt.nMasks, opt.nz, 1, 1), device=self.device)
+        losses = training_iteration(self.nets, self.optimizers, xData, xReal, zData, opt, opt.iteration)
         check_finite(losses, opt.iteration)
         opt.iteration += 1
-        if opt.iteration % opt.checkpointFreq != 0:
-            continue
-        if pbar is not None:
-            pbar.close()
-            pbar = None
-        nets.eval()
-        grid_path = os.path.join(opt.outf, "out_%05d.png" % opt.iteration)
-        scores = {"train": utils.evaluate(nets.netEncM, trainloader, device),
-                  "val": utils.evaluate(nets.netEncM, valloader, device)}
+
+    def checkpoint(self):
+        """Score, draw the sample grid, then restart after a collapse or save a checkpoint."""
+        opt = self.opt
+        self.nets.eval()
+        scores = {"train": utils.evaluate(self.nets.netEncM, self.trainloader, self.device),
+                  "val": utils.evaluate(self.nets.netEncM, self.valloader, self.device)}
         for split, (acc, iou, _) in scores.items():
-            log(split + ":", acc, iou)
+            self.log(split + ":", acc, iou)
             utils.append_line(os.path.join(opt.outf, split + ".dat"), "%d %s %s" % (opt.iteration, acc, iou))
-        grid.save(nets, grid_path)
-        nets.zero_grad()
+        self.grid.save(self.nets, os.path.join(opt.outf, "out_%05d.png" % opt.iteration))
+        self.nets.zero_grad()
         if min(scores["train"][2], scores["val"][2]) < opt.autoRestart:
             print("Training appear to have collapsed.")
             if opt.iteration <= 7000:
                 print("Reinitializing training.")
-                nets, optimizers = restart_nets(nets, opt, device)
-                opt.iteration = 0
-                continue
-        save_checkpoint(nets, optimizers, opt, scores["val"][1])
-        nets.train()
-    if pbar is not None:
-        pbar.close()
-    return opt
+                self.restart()
+                return
+        self.save(scores["val"][1])
+        self.nets.train()
+
+    def restart(self):
+        """Fresh nets and optimizers after a collapse, drawing random numbers as the
+        original does (its noise reconstructor is re-initialised in place); the data
+        streams go on."""
+        self.nets = models.build_nets(self.opt, self.device, netRecZ=self.nets.netRecZ)
+        self.optimizers = make_optimizers(self.nets, self.opt)
+        self.opt.iteration = 0
+
+    def state_dict(self):
+        """The original's keys, and under 'resume' what continuing exactly needs."""
+        state = {name: net.state_dict() for name, net in self.nets.items()}
+        state.update({name: optimizer.state_dict() for name, optimizer in self.optimizers.items()})
+        state["options"] = self.opt
+        state["resume"] = {
+            "genData": self.genData.state_dict(), "disData": self.disData.state_dict(),
+            "sampleGrid": self.grid.state_dict(), "rng": rng_states(),
+            "datLines": {name: count_lines(os.path.join(self.opt.outf, name)) for name in DAT_FILES}}
+        return state
+
+    def save(self, val_iou):
+        """state_%05d.pth and options.pth; best.pth when the validation IoU is the best so
+        far; with --clean, the previous state file goes once the new one is complete."""
+        opt = self.opt
+        is_best = opt.bestValIoU < val_iou
+        if is_best:
+            opt.bestValIoU = val_iou
+        state = self.state_dict()
+        utils.atomic_save(state, state_path(opt, opt.iteration))
+        utils.atomic_save(opt, os.path.join(opt.outf, "options.pth"))
+        if is_best:
+            utils.atomic_save(state, os.path.join(opt.outf, "best.pth"))
+        previous = state_path(opt, opt.iteration - opt.checkpointFreq)
+        if opt.clean and opt.iteration > opt.checkpointFreq and os.path.exists(previous):
+            os.remove(previous)
 
 
 def check_finite(losses, iteration):
@@ -375,25 +519,42 @@ def check_finite(losses, iteration):
                             "(resume from it, perhaps with smaller learning rates)" % (iteration, name, value.item()))
 
 
-def save_checkpoint(nets, optimizers, opt, val_iou):
-    """state_%05d.pth and options.pth; best.pth when the validation IoU is the best so far;
-    with --clean, the previous state file goes once the new one is complete."""
-    is_best = opt.bestValIoU < val_iou
-    if is_best:
-        opt.bestValIoU = val_iou
-    state = checkpoint_state(nets, optimizers, opt)
-    utils.atomic_save(state, os.path.join(opt.outf, "state_%05d.pth" % opt.iteration))
-    utils.atomic_save(opt, os.path.join(opt.outf, "options.pth"))
-    if is_best:
-        utils.atomic_save(state, os.path.join(opt.outf, "best.pth"))
-    previous = os.path.join(opt.outf, "state_%05d.pth" % (opt.iteration - opt.checkpointFreq))
-    if opt.clean and opt.iteration > opt.checkpointFreq and os.path.exists(previous):
-        os.remove(previous)
+def check_output_folder(outf):
+    try:
+        os.makedirs(outf, exist_ok=True)
+        utils.atomic_write(os.path.join(outf, ".write_test"), lambda f: f.write(b"ok"))
+        os.remove(os.path.join(outf, ".write_test"))
+    except OSError as e:
+        raise UserError("--outf %s: cannot write there (%s)" % (outf, e.strerror or e)) from None
+
+
+def train(opt, checkpoint=None):
+    """The original's training loop: iterations until --nIteration, a checkpoint every
+    --checkpointFreq. Returns the options at the end (iteration, bestValIoU)."""
+    check_output_folder(opt.outf)
+    run = TrainingRun(opt, checkpoint)
+    del checkpoint  # its tensors are loaded; free them
+    pbar = None
+    while opt.iteration <= opt.nIteration:
+        if pbar is None and not opt.silent:
+            pbar = tqdm(total=opt.checkpointFreq)
+        run.train_one_iteration()
+        if pbar is not None:
+            pbar.update(1)
+        if opt.iteration % opt.checkpointFreq == 0:
+            if pbar is not None:
+                pbar.close()
+                pbar = None
+            run.checkpoint()
+    if pbar is not None:
+        pbar.close()
+    return opt
 
 
 def main(argv=None):
     try:
-        run(resolve_options(make_parser().parse_args(argv)))
+        opt, checkpoint = resolve_options(make_parser().parse_args(argv), explicit_flags(argv))
+        train(opt, checkpoint)
     except UserError as e:
         sys.exit("error: %s" % utils.user_error_message(e))
 

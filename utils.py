@@ -46,10 +46,14 @@ def resolve_device(name=None):
 # ----------------------------------------------------------------------------- checkpoints
 
 def _read_archived_pth(path):
-    """The bytes of the one .pth file inside a .tar.gz (read in memory, never extracted)."""
+    """The bytes of the one .pth file inside a .tar.gz, read in memory (never extracted to
+    disk), refusing members that point outside the archive or are larger than a checkpoint."""
     try:
         with tarfile.open(path, "r:*") as archive:
             members = [m for m in archive.getmembers() if m.isfile() and m.name.endswith(".pth")]
+            unsafe = [m.name for m in members if os.path.isabs(m.name) or ".." in m.name.split("/")]
+            if unsafe:
+                raise UserError("%s: refused: archive member %s points outside the archive" % (path, unsafe[0]))
             if len(members) != 1:
                 raise UserError("%s: expected an archive holding exactly one .pth file, found %d"
                                 % (path, len(members)))
@@ -69,7 +73,7 @@ def safe_torch_load(source, path, device="cpu"):
     except pickle.UnpicklingError as e:
         raise UserError("%s: refused to load: it holds objects other than tensors and options, "
                         "which could run code (%s)" % (path, str(e).splitlines()[0])) from None
-    except (RuntimeError, EOFError, ValueError, OSError) as e:
+    except Exception as e:  # torch.load raises many kinds of errors on a damaged file
         raise UserError("%s: not a readable PyTorch checkpoint (%s)"
                         % (path, str(e).splitlines()[0] if str(e) else type(e).__name__)) from None
 

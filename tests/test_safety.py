@@ -1,0 +1,255 @@
+"""Crash safety, exact resume, and one clear line for every kind of bad input."""
+import io
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import pytest
+import torch
+
+import utils
+from conftest import ROOT, SMALL_RUN, fixture_path, run_script
+
+SEEDED_RUN = ["--dataset", "flowers", "--checkpointFreq", 2, "--manualSeed", 4, "--clean"] + SMALL_RUN
+
+
+def assert_same_checkpoint(a, b):
+    """Bit for bit: every tensor of every net and optimizer."""
+    for key in a:
+        if key.startswith(("net", "optimizer")):
+            flat_a, flat_b = _tensors(a[key]), _tensors(b[key])
+            assert len(flat_a) == len(flat_b), key
+            for (name, ta), (_, tb) in zip(flat_a, flat_b):
+                assert torch.equal(ta, tb), (key, name)
+
+
+def _tensors(tree, prefix=""):
+    if isinstance(tree, torch.Tensor):
+        return [(prefix, tree)]
+    if isinstance(tree, dict):
+        return [item for k in sorted(tree, key=str) for item in _tensors(tree[k], "%s.%s" % (prefix, k))]
+    if isinstance(tree, (list, tuple)):
+        return [item for i, v in enumerate(tree) for item in _tensors(v, "%s.%d" % (prefix, i))]
+    return []
+
+
+def test_run_killed_at_random_moments_and_resumed_ends_bit_for_bit_as_uninterrupted(minidata_root, tmp_path):
+    args = [str(a) for a in SEEDED_RUN + ["--dataroot", minidata_root / "flowers", "--nIteration", 9]]
+    started = time.time()
+    run_script("train.py", *args, "--outf", tmp_path / "whole", cwd=tmp_path)
+    duration = time.time() - started
+
+    outf = tmp_path / "killed"
+    command = [sys.executable, os.path.join(ROOT, "train.py")] + args + ["--outf", str(outf)]
+    rng = random.Random(os.environ.get("KILL_SEED", 0))
+    kills, finished = [], False
+    while len(kills) < 3 and not finished:
+        resume = ["--resume"] if list(outf.glob("state_*.pth")) else []
+        process = subprocess.Popen(command + resume, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        delay = rng.uniform(0.5, 0.9 * duration)
+        try:
+            finished = process.wait(timeout=delay) == 0
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            kills.append(round(delay, 2))
+    if not finished:
+        run_script("train.py", *args, "--outf", outf, "--resume", cwd=tmp_path)
+    assert kills, "no kill landed while the run was going"
+    whole = utils.load_checkpoint(tmp_path / "whole" / "state_00010.pth")
+    resumed = utils.load_checkpoint(outf / "state_00010.pth")
+    assert_same_checkpoint(whole, resumed)
+    for name in ("train.dat", "val.dat"):
+        assert (outf / name).read_text() == (tmp_path / "whole" / name).read_text(), kills
+
+
+def test_resume_restores_streams_rng_and_sample_grid(minidata_root, tmp_path):
+    """Stopping at a checkpoint and resuming is the same as never stopping, for every
+    checkpoint (epochs of 3 batches: streams resume mid-epoch and at epoch ends)."""
+    outf_whole, outf_parts = tmp_path / "whole", tmp_path / "parts"
+    data = ["--dataroot", minidata_root / "flowers"]
+    run_script("train.py", *SEEDED_RUN, *data, "--nIteration", 7, "--outf", outf_whole, cwd=tmp_path)
+    run_script("train.py", *SEEDED_RUN, *data, "--nIteration", 3, "--outf", outf_parts, cwd=tmp_path)
+    run_script("train.py", "--resume", "--nIteration", 5, "--outf", outf_parts, cwd=tmp_path)
+    run_script("train.py", "--resume", "--nIteration", 7, "--outf", outf_parts, cwd=tmp_path)
+    assert_same_checkpoint(utils.load_checkpoint(outf_whole / "state_00008.pth"),
+                           utils.load_checkpoint(outf_parts / "state_00008.pth"))
+    assert (outf_parts / "val.dat").read_text() == (outf_whole / "val.dat").read_text()
+    for name in ("out_00008.png", "out_00006.png"):
+        assert (outf_parts / name).read_bytes() == (outf_whole / name).read_bytes()
+
+
+def test_resume_skips_an_incomplete_newest_checkpoint(minidata_root, tmp_path):
+    outf = tmp_path / "out"
+    run_script("train.py", *SEEDED_RUN, "--dataroot", minidata_root / "flowers", "--nIteration", 3, "--outf", outf,
+               cwd=tmp_path)
+    good = (outf / "state_00004.pth").read_bytes()
+    (outf / "state_00006.pth").write_bytes(good[:len(good) // 2])  # as if the disk filled up
+    result = run_script("train.py", "--resume", "--nIteration", 5, "--outf", outf, cwd=tmp_path)
+    assert "skipping" in result.stderr and "state_00006.pth" in result.stderr
+    assert utils.load_options(outf / "options.pth").iteration == 6
+
+
+def test_kill_during_a_save_leaves_a_complete_file(tmp_path):
+    """A process saving a large checkpoint over and over, killed at random moments: the
+    file is always complete and loadable, and no temporary file is mistaken for it."""
+    path = tmp_path / "state.pth"
+    writer = ("import sys, torch; sys.path.insert(0, %r); import utils\n"
+              "x = torch.arange(4_000_000, dtype=torch.float32)\n"
+              "while True: utils.atomic_save({'x': x, 'options': None}, %r)\n" % (ROOT, str(path)))
+    rng = random.Random(1)
+    for _ in range(5):
+        process = subprocess.Popen([sys.executable, "-c", writer])
+        time.sleep(rng.uniform(2.0, 3.5))
+        process.kill()
+        process.wait()
+        state = torch.load(path)
+        assert torch.equal(state["x"], torch.arange(4_000_000, dtype=torch.float32))
+
+
+def test_failed_save_leaves_the_previous_file_intact(tmp_path):
+    path = tmp_path / "state_00002.pth"
+    utils.atomic_save({"a": torch.ones(3)}, path)
+    before = path.read_bytes()
+    with pytest.raises(Exception):
+        utils.atomic_save({"a": lambda: None}, path)  # cannot be pickled: fails mid-write
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["state_00002.pth"]
+
+
+def test_non_finite_loss_stops_with_the_iteration_and_keeps_the_checkpoint(minidata_root, tmp_path):
+    outf = tmp_path / "out"
+    args = ["--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--outf", outf,
+            "--checkpointFreq", 2] + SMALL_RUN
+    run_script("train.py", *args, "--nIteration", 1, cwd=tmp_path)
+    state = utils.load_checkpoint(outf / "state_00002.pth")
+    state["netDX"]["dense.weight"].fill_(float("nan"))
+    torch.save(state, outf / "state_00002.pth")
+    before = (outf / "state_00002.pth").read_bytes()
+    result = run_script("train.py", *args, "--iteration", 2, "--nIteration", 5, cwd=tmp_path, check=False)
+    assert result.returncode != 0
+    assert "error: iteration 2: lossG is nan; training diverged" in result.stderr
+    assert (outf / "state_00002.pth").read_bytes() == before
+    assert not (outf / "state_00004.pth").exists()
+
+
+def one_line_error(result):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_unwritable_outf_fails_before_training(minidata_root, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    result = run_script("train.py", "--dataroot", minidata_root / "flowers", "--outf", tmp_path / "a_file" / "out",
+                        *SMALL_RUN, cwd=tmp_path, check=False)
+    assert "--outf %s: cannot write there" % (tmp_path / "a_file" / "out") in one_line_error(result)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_undecodable_training_image_is_named(workers, minidata_root, tmp_path):
+    root = tmp_path / "flowers"
+    shutil.copytree(minidata_root / "flowers", root)
+    (root / "jpg" / "image_00003.jpg").write_bytes(b"\xff\xd8\xff broken")
+    result = run_script("train.py", "--dataroot", root, "--outf", tmp_path / "out", "--nIteration", 9,
+                        "--checkpointFreq", 100, *SMALL_RUN, "--workers", workers, cwd=tmp_path, check=False)
+    assert "image_00003.jpg: cannot decode this image" in one_line_error(result)
+
+
+def test_missing_dataset_folder_names_what_is_expected(minidata_root, tmp_path):
+    root = tmp_path / "flowers"
+    shutil.copytree(minidata_root / "flowers", root)
+    shutil.rmtree(root / "segmim")
+    result = run_script("train.py", "--dataroot", root, "--outf", tmp_path / "out", *SMALL_RUN, cwd=tmp_path,
+                        check=False)
+    line = one_line_error(result)
+    assert "missing segmim" in line and "DATAROOT/segmim/segmim_00001.jpg" in line
+
+
+@pytest.fixture(scope="module")
+def small_run(minidata_root, tmp_path_factory):
+    outf = tmp_path_factory.mktemp("small_run")
+    run_script("train.py", "--dataroot", minidata_root / "flowers", "--outf", outf, "--nIteration", 1,
+               "--checkpointFreq", 2, *SMALL_RUN, cwd=outf)
+    return outf
+
+
+def test_truncated_checkpoint(small_run, minidata_root, tmp_path):
+    outf = tmp_path / "out"
+    shutil.copytree(small_run, outf)
+    data = (outf / "state_00002.pth").read_bytes()
+    (outf / "state_00002.pth").write_bytes(data[:1000])
+    result = run_script("train.py", "--dataroot", minidata_root / "flowers", "--outf", outf, "--iteration", 2,
+                        *SMALL_RUN, cwd=tmp_path, check=False)
+    assert "state_00002.pth: not a readable PyTorch checkpoint" in one_line_error(result)
+
+
+def test_not_a_checkpoint(tmp_path):
+    (tmp_path / "notes.pth").write_text("hello")
+    result = run_script("example_load_pretrained.py", "--statePath", tmp_path / "notes.pth", "--dataroot", tmp_path,
+                        "--device", "cpu", cwd=tmp_path, check=False)
+    assert "notes.pth: not a readable PyTorch checkpoint" in one_line_error(result)
+
+
+def test_checkpoint_of_another_configuration_names_the_difference(small_run, minidata_root, tmp_path):
+    result = run_script("train.py", "--dataroot", minidata_root / "flowers", "--outf", small_run, "--iteration", 2,
+                        *SMALL_RUN, "--nfX", 8, "--useSelfAttD", cwd=tmp_path, check=False)
+    line = one_line_error(result)
+    assert "state_00002.pth: saved for another configuration: nfX=4 (this run: 8), useSelfAttD=False (this run: True)" in line
+
+
+def test_resume_with_nothing_to_resume(tmp_path):
+    result = run_script("train.py", "--resume", "--outf", tmp_path, *SMALL_RUN, cwd=tmp_path, check=False)
+    assert "--resume: no checkpoint to resume in --outf %s" % tmp_path in one_line_error(result)
+
+
+def test_iteration_without_its_state_file(minidata_root, tmp_path):
+    result = run_script("train.py", "--dataroot", minidata_root / "flowers", "--outf", tmp_path, "--iteration", 500,
+                        *SMALL_RUN, cwd=tmp_path, check=False)
+    assert "--iteration 500: %s does not exist" % (tmp_path / "state_00500.pth") in one_line_error(result)
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_crafted_checkpoint_that_would_run_code_is_refused(tmp_path):
+    torch.save({"netEncM": {}, "options": RunsCode()}, tmp_path / "evil.pth")
+    result = run_script("example_load_pretrained.py", "--statePath", tmp_path / "evil.pth", "--dataroot", tmp_path,
+                        "--device", "cpu", cwd=tmp_path, check=False)
+    assert "evil.pth: refused to load: it holds objects other than tensors and options" in one_line_error(result)
+    assert not (tmp_path / "pwned").exists()
+
+
+def _tar(path, members):
+    with tarfile.open(path, "w:gz") as archive:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+
+
+def test_archives_are_read_safely(tmp_path, monkeypatch):
+    pth = open(fixture_path("redo_small_netM_state.pth"), "rb").read()
+    _tar(tmp_path / "two.tar.gz", [("a.pth", pth), ("b.pth", pth)])
+    with pytest.raises(utils.UserError, match="exactly one .pth file, found 2"):
+        utils.load_checkpoint(tmp_path / "two.tar.gz")
+    _tar(tmp_path / "escape.tar.gz", [("../../escape.pth", pth)])
+    with pytest.raises(utils.UserError, match="archive member ../../escape.pth points outside the archive"):
+        utils.load_checkpoint(tmp_path / "escape.tar.gz")
+    _tar(tmp_path / "big.tar.gz", [("big.pth", pth)])
+    monkeypatch.setattr(utils, "MAX_ARCHIVE_MEMBER_BYTES", 1000)
+    with pytest.raises(utils.UserError, match="big.pth is %d bytes" % len(pth)):
+        utils.load_checkpoint(tmp_path / "big.tar.gz")
+    _tar(tmp_path / "ok.tar.gz", [("notes.txt", b"hi"), ("dir/netM.pth", pth)])
+    monkeypatch.setattr(utils, "MAX_ARCHIVE_MEMBER_BYTES", 1 << 30)
+    assert set(utils.load_checkpoint(tmp_path / "ok.tar.gz")) == {"netEncM", "options"}
