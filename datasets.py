@@ -226,3 +226,34 @@ def make_dataset(name, root, split, sizex=128):
     if name not in DATASETS:
         raise UserError("--dataset %s: unknown dataset (expected one of %s)" % (name, ", ".join(DATASETS)))
     return DATASETS[name](root, split, sizex=sizex)
+
+
+class InMemoryDataset(torch.utils.data.Dataset):
+    """A dataset decoded, resized and cropped once, kept in memory (images as uint8), giving
+    exactly the items of the original: for datasets read from disk at every epoch, where
+    decoding JPEGs can starve a GPU."""
+
+    def __init__(self, dataset, workers=0, batch_size=64):
+        if isinstance(dataset, CMNISTDataset):
+            raise UserError("--cacheData: cmnist draws new images at each access; it cannot be cached")
+        # a private generator: filling the cache draws nothing from the run's random streams
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                             generator=torch.Generator())
+        images, masks = [], []
+        for x, m in loader:
+            images.append(torch.round((x + 1) / 2 * 255).to(torch.uint8))
+            masks.append(m)
+        self.images = torch.cat(images)
+        masks = torch.cat(masks)
+        binary = bool(((masks == 0) | (masks == 1)).all())
+        self.masks = masks.to(torch.uint8) if binary else masks
+
+    def nbytes(self):
+        return self.images.nbytes + self.masks.nbytes
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, idx):
+        # the same float operations as ToTensor and the datasets' `* 2 - 1`: identical values
+        return self.images[idx].float().div(255) * 2 - 1, self.masks[idx].float()

@@ -3,6 +3,7 @@
     python train.py --dataset flowers --nfX 32 --useSelfAttG --useSelfAttD --outf OUT --dataroot DATA --clean
 """
 import argparse
+import contextlib
 import functools
 import glob
 import os
@@ -44,11 +45,25 @@ def redraw_all_regions(nets, xData, zData):
     return mEnc, hGen, xGen.flatten(0, 1)
 
 
+@contextlib.contextmanager
+def frozen(net):
+    """No parameter gradients for net inside the block (gradients still flow through it)."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 def generator_step(nets, optimizers, xData, zData, wrecZ):
     """Update the mask extractor, the generators and the noise reconstructor so that every
     composite looks real to netDX and z can be recovered from the redrawn regions."""
     _, hGen, xGen = redraw_all_regions(nets, xData, zData)
-    lossG = -nets.netDX(xGen).mean()
+    with frozen(nets.netDX):  # its gradients would be discarded: the D step starts from zero
+        lossG = -nets.netDX(xGen).mean()
     losses = {}
     if nets.netRecZ is not None:
         err_recZ = F.mse_loss(nets.netRecZ(hGen.sum(1)), zData)
@@ -134,6 +149,11 @@ def make_parser():
                    help='restart training if the ratio "size of region" / "size of image" is strictly '
                         'smaller than x on train and val at a checkpoint (collapse detected)')
     p.add_argument('--device', default=None, help='cpu | cuda | cuda:N (default: cuda if available, else cpu)')
+    p.add_argument('--amp', default='none', choices=['none', 'bf16'],
+                   help='mixed precision for the training iterations: bf16 autocast (CPU and CUDA)')
+    p.add_argument('--compile', action='store_true', help='compile the nets with torch.compile')
+    p.add_argument('--cacheData', action='store_true',
+                   help='decode and resize the dataset once and keep it in memory (same images)')
     p.add_argument('--skipOrthoInitSN', action='store_true',
                    help="leave spectral-norm layers at PyTorch's default init, as the original's GPU runs "
                         "did (see README)")
@@ -414,10 +434,9 @@ class TrainingRun:
         self.log = (lambda *a: None) if opt.silent else print
         self.log("Random Seed: ", opt.manualSeed)
         seed_everything(opt.manualSeed)
-        trainset, valset, testset = (datasets.make_dataset(opt.dataset, opt.dataroot, split, opt.sizex)
-                                     for split in ("train", "val", "test"))
+        trainset, valset, testset = (self.load_split(split) for split in ("train", "val", "test"))
         self.trainloader = make_loader(trainset, opt.batchSize, opt.workers)
-        self.nets = models.build_nets(opt, self.device)
+        self.nets = self.build_nets()
         self.optimizers = make_optimizers(self.nets, opt)
         resume = None
         if checkpoint is not None:
@@ -439,6 +458,27 @@ class TrainingRun:
                 truncate_lines(os.path.join(opt.outf, name), resume["datLines"][name])
             restore_rng_states(resume["rng"])
 
+    def load_split(self, split):
+        opt = self.opt
+        dataset = datasets.make_dataset(opt.dataset, opt.dataroot, split, opt.sizex)
+        if getattr(opt, "cacheData", False):
+            dataset = datasets.InMemoryDataset(dataset, opt.workers)
+            self.log("cached the %s split in memory: %d images, %.0f MB" % (split, len(dataset), dataset.nbytes() / 2**20))
+        return dataset
+
+    def build_nets(self, netRecZ=None):
+        """The nets, compiled with --compile (in place: the checkpoints keep their keys)."""
+        nets = models.build_nets(self.opt, self.device, netRecZ=netRecZ)
+        if getattr(self.opt, "compile", False):
+            for _, net in nets.items():
+                net.compile()
+        return nets
+
+    def autocast(self):
+        """Mixed precision (--amp bf16) for the training iterations; scores stay in fp32."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16,
+                              enabled=getattr(self.opt, "amp", "none") == "bf16")
+
     def load_nets_and_optimizers(self, path, state):
         check_same_networks(state["options"], self.opt, path)
         for name, net in self.nets.items():
@@ -450,7 +490,8 @@ class TrainingRun:
         opt = self.opt
         xData, xReal = next(self.genData)[0].to(self.device), next(self.disData)[0].to(self.device)
         zData = torch.randn((xData.size(0), opt.nMasks, opt.nz, 1, 1), device=self.device)
-        losses = training_iteration(self.nets, self.optimizers, xData, xReal, zData, opt, opt.iteration)
+        with self.autocast():
+            losses = training_iteration(self.nets, self.optimizers, xData, xReal, zData, opt, opt.iteration)
         check_finite(losses, opt.iteration)
         opt.iteration += 1
 
@@ -478,7 +519,7 @@ class TrainingRun:
         """Fresh nets and optimizers after a collapse, drawing random numbers as the
         original does (its noise reconstructor is re-initialised in place); the data
         streams go on."""
-        self.nets = models.build_nets(self.opt, self.device, netRecZ=self.nets.netRecZ)
+        self.nets = self.build_nets(netRecZ=self.nets.netRecZ)
         self.optimizers = make_optimizers(self.nets, self.opt)
         self.opt.iteration = 0
 

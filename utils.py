@@ -161,7 +161,7 @@ def evaluate(netEncM, loader, device):
     """Accuracy and IoU of netEncM over a loader of (image, mask) batches, as the original:
     means over batches of per-batch means; and min_region_size of the last batch."""
     sumAcc, sumIoU, nBatches = 0.0, 0.0, 0
-    with eval_mode(netEncM), torch.no_grad():
+    with eval_mode(netEncM), torch.inference_mode():
         for xLoad, mLoad in loader:
             mPred = netEncM(xLoad.to(device))
             acc, iou = segmentation_scores(mPred, mLoad.to(device))

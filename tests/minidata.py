@@ -29,13 +29,14 @@ def _save_jpg(path, array):
     Image.fromarray(array).save(path, quality=95)
 
 
-def make_flowers(root, n_train=6, n_val=4, n_test=4, seed=0):
+def make_flowers(root, n_train=6, n_val=4, n_test=4, seed=0, size=None):
     """jpg/image_%05d.jpg, segmim/segmim_%05d.jpg (background painted pure blue) and setid.mat.
-    As in the real set, train = 'tstid', val = 'valid', test = 'trnid'."""
+    As in the real set, train = 'tstid', val = 'valid', test = 'trnid'. size: (width, height)
+    of every image, or small varied sizes."""
     rng = np.random.default_rng(seed)
     n = n_train + n_val + n_test
     for i in range(1, n + 1):
-        image, mask = _scene(rng, 96 + 4 * (i % 3), 80)
+        image, mask = _scene(rng, *(size or (96 + 4 * (i % 3), 80)))
         _save_jpg(os.path.join(root, "jpg", "image_%05d.jpg" % i), image)
         seg = image.copy()
         seg[~mask] = (0, 0, 254)

@@ -1,0 +1,192 @@
+"""Speed benchmark (not collected by pytest): seconds per training iteration, images per
+second and peak memory for each speed option, the data loader's images per second, and
+the share of evaluation at checkpoints.
+
+    python tests/benchmark.py                                   # small and paper configurations
+    python tests/benchmark.py --original ../ReDO                # also the original, for ratios
+    python tests/benchmark.py --configs small --modes fp32,bf16 --iterations 5
+
+--original points at a checkout of github mickaelChen/ReDO: its models.py is timed with
+the same training iteration (the step code is ours; the networks are the original's).
+Every measurement runs in a fresh process, so peak memory is its own.
+"""
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+CONFIGS = {
+    "small": dict(nf=16, nfX=16, batchSize=4),
+    "paper": dict(nf=64, nfX=32, batchSize=20),  # the README's Flowers command, default batch size
+}
+
+
+def options(config):
+    c = CONFIGS[config]
+    return argparse.Namespace(sizex=128, nx=3, nz=32, nMasks=2, nResM=3, nf=c["nf"], nfD=c["nf"], nfX=c["nfX"],
+                              nfM=c["nf"], nfZ=c["nf"], useSelfAttD=True, useSelfAttG=True, temperature=1.0,
+                              wrecZ=5.0, initOrthoGain=0.8, lrG=1e-4, lrD=1e-4, lrZ=1e-4, lrM=1e-5, wdecay=1e-4,
+                              gStepFreq=1, dStepFreq=1, batchSize=c["batchSize"], skipOrthoInitSN=False)
+
+
+def original_nets(path, opt, device):
+    import models
+    spec = importlib.util.spec_from_file_location("original_models", os.path.join(path, "models.py"))
+    original = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(original)
+    return models.ReDONets(
+        netEncM=original._netEncM(sizex=128, nIn=3, nMasks=2, nRes=opt.nResM, nf=opt.nfM),
+        netGenX=original._netGenX(sizex=128, nOut=3, nc=opt.nz, nf=opt.nfX, nMasks=2, selfAtt=True),
+        netDX=original._resDiscriminator128(nIn=3, nf=opt.nfD, selfAtt=True),
+        netRecZ=original._netRecZ(sizex=128, nIn=3, nc=opt.nz, nf=opt.nfZ, nMasks=2)).to(device)
+
+
+def measure_iterations(config, mode, impl, iterations, device):
+    """Runs in a child process: time training iterations, return a dict of figures."""
+    import models
+    import train
+    opt = options(config)
+    torch.manual_seed(0)
+    nets = original_nets(impl, opt, device) if impl != "ours" else models.build_nets(opt, device)
+    if mode == "compile":
+        for _, net in nets.items():
+            net.compile()
+    optimizers = train.make_optimizers(nets, opt)
+    B = opt.batchSize
+    x, xr = torch.rand(B, 3, 128, 128, device=device) * 2 - 1, torch.rand(B, 3, 128, 128, device=device) * 2 - 1
+    z = torch.randn(B, 2, opt.nz, 1, 1, device=device)
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=mode == "bf16")
+    times = []
+    warmup = 2 if mode == "compile" else 1
+    for i in range(warmup + iterations):
+        sync(device)
+        start = time.perf_counter()
+        with autocast:
+            train.training_iteration(nets, optimizers, x, xr, z, opt, i)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times[warmup:])
+    return {"seconds": seconds, "images_per_second": B / seconds, "peak_mb": peak_memory_mb(device),
+            "first_seconds": times[0]}
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_memory_mb(device):
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure_data(workers_list, n_images=96):
+    """Images per second of the training loader on a Flowers-shaped set of 500x667 JPEGs,
+    decoded from disk at each epoch, and from the in-memory cache (--cacheData)."""
+    import minidata
+    import datasets
+    import train
+    results = {}
+    with tempfile.TemporaryDirectory() as root:
+        minidata.make_flowers(root, n_train=n_images, n_val=2, n_test=2, size=(667, 500))
+        dataset = datasets.make_dataset("flowers", root, "train")
+        for workers in workers_list:
+            results["from disk, %d workers" % workers] = loader_speed(train.make_loader(dataset, 20, workers))
+        start = time.perf_counter()
+        cached = datasets.InMemoryDataset(dataset, max(workers_list))
+        fill = time.perf_counter() - start
+        results["in memory (--cacheData), 0 workers"] = loader_speed(train.make_loader(cached, 20, 0))
+        results["filling the cache, images/s"] = len(dataset) / fill
+    return results
+
+
+def loader_speed(loader):
+    start = time.perf_counter()
+    n = sum(x.size(0) for x, _ in loader)
+    return n / (time.perf_counter() - start)
+
+
+def measure_evaluation(config, device):
+    """Seconds to score one image with evaluate(), and the share of a checkpoint period
+    (500 iterations, Flowers' 6149 + 1020 images scored) that evaluation takes."""
+    import models
+    import utils
+    opt = options(config)
+    netEncM = models.build_nets(opt, device).netEncM
+    batches = [(torch.rand(opt.batchSize, 3, 128, 128) * 2 - 1, torch.ones(opt.batchSize, 1, 128, 128))] * 5
+    start = time.perf_counter()
+    utils.evaluate(netEncM, batches, device)
+    return (time.perf_counter() - start) / (5 * opt.batchSize)
+
+
+def child(args):
+    result = measure_iterations(args.one[0], args.one[1], args.one[2], args.iterations, args.device)
+    print(json.dumps(result))
+
+
+def run_child(config, mode, impl, args):
+    command = [sys.executable, os.path.abspath(__file__), "--one", config, mode, impl,
+               "--iterations", str(args.iterations), "--device", args.device]
+    out = subprocess.run(command, capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", default="small,paper")
+    p.add_argument("--modes", default="fp32,bf16,compile")
+    p.add_argument("--original", default=None, help="path to a checkout of the original ReDO")
+    p.add_argument("--iterations", type=int, default=3, help="timed iterations per measurement (after warm-up)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--skip-data", action="store_true")
+    p.add_argument("--one", nargs=3, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        return child(args)
+    print("device %s, torch %s, %d threads" % (args.device, torch.__version__, torch.get_num_threads()))
+    print("| configuration | implementation | mode | s / iteration | images / s | peak memory (MB) | speed-up vs original |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for config in args.configs.split(","):
+        reference = ours_fp32 = None
+        runs = ([("original", "fp32")] if args.original else []) + [("ours", m) for m in args.modes.split(",")]
+        for impl, mode in runs:
+            r = run_child(config, mode, args.original if impl == "original" else "ours", args)
+            if "error" in r:
+                print("| %s | %s | %s | failed: %s | | | |" % (config, impl, mode, r["error"]))
+                continue
+            if impl == "original":
+                reference = r["seconds"]
+            elif mode == "fp32":
+                ours_fp32 = r["seconds"]
+            ratio = "%.2fx" % (reference / r["seconds"]) if reference else ""
+            print("| %s (nf=%d, nfX=%d, batch %d) | %s | %s | %.3f | %.2f | %.0f | %s |" % (
+                config, CONFIGS[config]["nf"], CONFIGS[config]["nfX"], CONFIGS[config]["batchSize"], impl, mode,
+                r["seconds"], r["images_per_second"], r["peak_mb"], ratio), flush=True)
+        per_image = measure_evaluation(config, args.device)
+        share = ""
+        if ours_fp32:
+            eval_time = per_image * (6149 + 1020)
+            share = ", %.1f%% of a 500-iteration checkpoint period in fp32" % (100 * eval_time / (eval_time + 500 * ours_fp32))
+        print("\nevaluate(): %.4f s per image (%s)%s\n" % (per_image, config, share))
+    if not args.skip_data:
+        for name, value in measure_data([0, 2]).items():
+            print("data loader, %s: %.0f images/s" % (name, value))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    main()
