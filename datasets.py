@@ -26,6 +26,7 @@ LAYOUTS = {
            "DATAROOT/lfw_funneled/<person>/<name>.jpg, DATAROOT/parts_lfw_funneled_gt_images/<name>.ppm",
     "cmnist": "DATAROOT/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte (downloaded when online)",
 }
+LAYOUTS["lfw+flowers"] = "--dataroot LFW_ROOT,FLOWERS_ROOT, each as for --dataset lfw and --dataset flowers"
 
 
 def resize_and_crop(sizex):
@@ -218,13 +219,148 @@ class CMNISTDataset(torch.utils.data.Dataset):
         return image * 2 - 1, mask
 
 
-DATASETS = {"flowers": FlowersDataset, "cub": CUBDataset, "lfw": LFWDataset, "cmnist": CMNISTDataset}
+class SyntheticDataset(torch.utils.data.Dataset):
+    """A built-in dataset that needs no download: one object (ellipse, rotated rectangle,
+    triangle or star-shaped blob) of random colour and texture on a textured background of
+    other colours (gradient, stripes, checkerboard or smooth noise), with its exact mask.
+    Image i of a split is drawn from a generator seeded by (split, i): the same images on
+    every machine, computed when asked for. 2000 train, 200 val and 200 test images."""
+    SIZES = {"train": 2000, "val": 200, "test": 200}
+
+    def __init__(self, dataPath=None, sets="train", transform=None, sizex=128):
+        check_split(sets)
+        self.split_id = SPLITS.index(sets)
+        self.size = sizex
+        self.length = self.SIZES[sets]
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, idx):
+        rng = np.random.default_rng([20191208, self.split_id, idx])
+        n = self.size
+        yy, xx = np.mgrid[:n, :n] / n
+        background = self._texture(rng, yy, xx, *self._distinct_colours(rng, 2))
+        mask = self._shape(rng, yy, xx)
+        foreground = self._texture(rng, yy, xx, *self._distinct_colours(rng, 2, avoid=background.mean((0, 1))))
+        image = np.where(mask[..., None], foreground, background)
+        image = np.clip(image + rng.normal(0, 0.02, image.shape), 0, 1)
+        return (torch.from_numpy(image.transpose(2, 0, 1)).float() * 2 - 1,
+                torch.from_numpy(mask[None].astype(np.float32)))
+
+    @staticmethod
+    def _distinct_colours(rng, count, avoid=None):
+        colours = []
+        while len(colours) < count:
+            c = rng.uniform(0, 1, 3)
+            if avoid is None or np.abs(c - avoid).sum() > 0.6:
+                colours.append(c)
+        return colours
+
+    @staticmethod
+    def _texture(rng, yy, xx, c1, c2):
+        """Two colours mixed by a pattern t in [0, 1]: (H, W, 3)."""
+        kind = rng.integers(4)
+        angle = rng.uniform(0, np.pi)
+        u = np.cos(angle) * xx + np.sin(angle) * yy
+        if kind == 0:
+            t = (u - u.min()) / max(u.max() - u.min(), 1e-6)
+        elif kind == 1:
+            t = 0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(3, 12) * u)
+        elif kind == 2:
+            f = rng.integers(3, 10)
+            t = ((np.floor(xx * f) + np.floor(yy * f)) % 2).astype(float)
+        else:
+            coarse = rng.uniform(0, 1, (5, 5))
+            rows = np.interp(yy[:, 0] * 4, np.arange(5), np.arange(5))
+            t = np.array([np.interp(xx[0] * 4, np.arange(5), coarse[int(min(r, 3.999))]) for r in rows])
+        return c1 * t[..., None] + c2 * (1 - t[..., None])
+
+    @staticmethod
+    def _shape(rng, yy, xx):
+        """A boolean mask of one object covering about 8% to 35% of the image."""
+        cy, cx = rng.uniform(0.3, 0.7, 2)
+        r = rng.uniform(0.16, 0.3)
+        angle = rng.uniform(0, 2 * np.pi)
+        dy, dx = yy - cy, xx - cx
+        u = np.cos(angle) * dx + np.sin(angle) * dy
+        v = -np.sin(angle) * dx + np.cos(angle) * dy
+        kind = rng.integers(4)
+        if kind == 0:
+            return (u / r) ** 2 + (v / (r * rng.uniform(0.5, 1))) ** 2 <= 1
+        if kind == 1:
+            return (np.abs(u) <= r) & (np.abs(v) <= r * rng.uniform(0.4, 1))
+        theta, rho = np.arctan2(v, u), np.hypot(u, v)
+        if kind == 2:  # triangle: inside three half-planes
+            return np.max([u * np.cos(a) + v * np.sin(a) for a in (0, 2 * np.pi / 3, 4 * np.pi / 3)], 0) <= r * 0.6
+        k = rng.integers(3, 7)
+        return rho <= r * (0.75 + 0.25 * np.cos(k * theta))
 
 
-def make_dataset(name, root, split, sizex=128):
-    """The dataset `name` ('flowers', 'cub', 'lfw', 'cmnist') at `root`, one of its splits."""
+class FolderDataset(torch.utils.data.Dataset):
+    """Your own images: every image file under a folder (searched recursively, sorted). Every
+    tenth image is held out for validation, and the test split is that same held-out set.
+    Masks are optional: with maskPath, the mask of IMAGES/a/b.jpg is MASKS/a/b.<png, ...>
+    (white on the object), and scores are computed; without, scores are NaN."""
+    EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+    def __init__(self, dataPath, sets="train", transform=None, sizex=128, maskPath=None):
+        check_split(sets)
+        if not os.path.isdir(dataPath):
+            raise UserError("--dataroot %s: no such folder (--dataset folder: a folder of images)" % dataPath)
+        files = sorted(os.path.relpath(os.path.join(folder, name), dataPath)
+                       for folder, _, names in os.walk(dataPath) for name in names
+                       if name.lower().endswith(self.EXTENSIONS))
+        if len(files) < 2:
+            raise UserError("--dataroot %s: found %d image files, need at least 2 (looked for %s)"
+                            % (dataPath, len(files), ", ".join(self.EXTENSIONS)))
+        held_out = [i % 10 == 9 or i == len(files) - 1 for i in range(len(files))]
+        self.files = [f for f, out in zip(files, held_out) if out == (sets != "train")]
+        self.datapath, self.maskpath = dataPath, maskPath
+        self.masks = [self._mask_file(f) for f in self.files] if maskPath else None
+        self.has_masks = maskPath is not None
+        self.transform = transform or resize_and_crop(sizex)
+
+    def _mask_file(self, image_file):
+        stem = os.path.splitext(image_file)[0]
+        for ext in (".png",) + self.EXTENSIONS:
+            path = os.path.join(self.maskpath, stem + ext)
+            if os.path.exists(path):
+                return path
+        raise UserError("--maskroot %s: no mask for %s (expected %s.png, white on the object)"
+                        % (self.maskpath, image_file, os.path.join(self.maskpath, stem)))
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, idx):
+        img = self.transform(open_image(os.path.join(self.datapath, self.files[idx]), "RGB"))
+        if self.masks is None:
+            return img * 2 - 1, torch.full_like(img[:1], float("nan"))
+        mask = self.transform(open_image(self.masks[idx], "L"))
+        return img * 2 - 1, (mask > .5).float()
+
+
+def lfw_and_flowers(dataPath, sets="train", sizex=128):
+    """LFW and Flowers mixed, without labels (the paper's two-class experiment): dataPath is
+    'LFW_ROOT,FLOWERS_ROOT'. LFW's training images have no masks."""
+    roots = dataPath.split(",")
+    if len(roots) != 2:
+        raise UserError("--dataroot %s: --dataset lfw+flowers takes two folders, LFW_ROOT,FLOWERS_ROOT" % dataPath)
+    return torch.utils.data.ConcatDataset([LFWDataset(roots[0], sets, sizex=sizex),
+                                           FlowersDataset(roots[1], sets, sizex=sizex)])
+
+
+DATASETS = {"flowers": FlowersDataset, "cub": CUBDataset, "lfw": LFWDataset, "cmnist": CMNISTDataset,
+            "synthetic": SyntheticDataset, "folder": FolderDataset, "lfw+flowers": lfw_and_flowers}
+
+
+def make_dataset(name, root, split, sizex=128, maskroot=None):
+    """The dataset `name` (a key of DATASETS) at `root`, one of its splits."""
     if name not in DATASETS:
         raise UserError("--dataset %s: unknown dataset (expected one of %s)" % (name, ", ".join(DATASETS)))
+    if name == "folder":
+        return FolderDataset(root, split, sizex=sizex, maskPath=maskroot)
     return DATASETS[name](root, split, sizex=sizex)
 
 

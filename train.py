@@ -9,6 +9,8 @@ import glob
 import os
 import random
 import sys
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -37,11 +39,41 @@ def make_optimizers(nets, opt):
     return optimizers
 
 
-def redraw_all_regions(nets, xData, zData):
+class RealAndFake(torch.nn.Module):
+    """netDX on real images, then on composites: two calls, as the original (each runs one
+    spectral-norm power iteration), in one forward, as DistributedDataParallel needs."""
+
+    def __init__(self, netDX):
+        super().__init__()
+        self.netDX = netDX
+
+    def forward(self, xReal, xFake):
+        return self.netDX(xReal), self.netDX(xFake)
+
+
+@dataclass
+class StepModules:
+    """What the training steps call: the nets themselves, or under torchrun their
+    DistributedDataParallel wrappers (netDX stays bare for the generator step, where its
+    gradients are not wanted)."""
+    netEncM: torch.nn.Module
+    netGenX: torch.nn.Module
+    netDX: torch.nn.Module
+    netRecZ: Optional[torch.nn.Module]
+    realAndFake: torch.nn.Module
+
+    @classmethod
+    def of(cls, nets, wrap=lambda module: module):
+        return cls(netEncM=wrap(nets.netEncM), netGenX=wrap(nets.netGenX), netDX=nets.netDX,
+                   netRecZ=wrap(nets.netRecZ) if nets.netRecZ is not None else None,
+                   realAndFake=wrap(RealAndFake(nets.netDX)))
+
+
+def redraw_all_regions(modules, xData, zData):
     """Masks of xData, the redrawn regions and the composites (one per region), the latter
     flattened to (B * nMasks, C, H, W) for the discriminator."""
-    mEnc = nets.netEncM(xData)
-    hGen, xGen = models.redraw(nets.netGenX, xData, mEnc, zData)
+    mEnc = modules.netEncM(xData)
+    hGen, xGen = models.redraw(modules.netGenX, xData, mEnc, zData)
     return mEnc, hGen, xGen.flatten(0, 1)
 
 
@@ -58,51 +90,51 @@ def frozen(net):
             p.requires_grad_(True)
 
 
-def generator_step(nets, optimizers, xData, zData, wrecZ):
+def generator_step(modules, optimizers, xData, zData, wrecZ):
     """Update the mask extractor, the generators and the noise reconstructor so that every
     composite looks real to netDX and z can be recovered from the redrawn regions."""
-    _, hGen, xGen = redraw_all_regions(nets, xData, zData)
-    with frozen(nets.netDX):  # its gradients would be discarded: the D step starts from zero
-        lossG = -nets.netDX(xGen).mean()
+    _, hGen, xGen = redraw_all_regions(modules, xData, zData)
+    with frozen(modules.netDX):  # its gradients would be discarded: the D step starts from zero
+        lossG = -modules.netDX(xGen).mean()
     losses = {}
-    if nets.netRecZ is not None:
-        err_recZ = F.mse_loss(nets.netRecZ(hGen.sum(1)), zData)
+    if modules.netRecZ is not None:
+        err_recZ = F.mse_loss(modules.netRecZ(hGen.sum(1)), zData)
         lossG = lossG + wrecZ * err_recZ
         losses["err_recZ"] = err_recZ.detach()
     lossG.backward()
     optimizers["optimizerEncM"].step()
     optimizers["optimizerGenX"].step()
-    if nets.netRecZ is not None:
+    if modules.netRecZ is not None:
         optimizers["optimizerRecZ"].step()
     losses["lossG"] = lossG.detach()
     return losses
 
 
-def discriminator_step(nets, optimizers, xData, xReal, zData):
+def discriminator_step(modules, optimizers, xData, xReal, zData):
     """Hinge-loss update of netDX on real images and on composites recomputed (without
-    gradient) by the just-updated nets. Real and fake go through netDX in two calls, as in
-    the original: each call runs one spectral-norm power iteration."""
-    nets.netDX.zero_grad()
+    gradient) by the just-updated nets."""
+    modules.netDX.zero_grad()
     with torch.no_grad():
-        _, _, xGen = redraw_all_regions(nets, xData, zData)
-    dReal = nets.netDX(xReal)
-    dFake = nets.netDX(xGen)
+        _, _, xGen = redraw_all_regions(modules, xData, zData)
+    dReal, dFake = modules.realAndFake(xReal, xGen)
     lossD = F.relu(1 - dReal).mean() + F.relu(1 + dFake).mean()
     lossD.backward()
     optimizers["optimizerDX"].step()
     return {"lossD": lossD.detach()}
 
 
-def training_iteration(nets, optimizers, xData, xReal, zData, opt, iteration):
+def training_iteration(nets, optimizers, xData, xReal, zData, opt, iteration, modules=None):
     """One ReDO iteration: a generator step every gStepFreq iterations, then a discriminator
-    step every dStepFreq iterations. Returns the losses of the steps taken."""
+    step every dStepFreq iterations. Returns the losses of the steps taken. `modules`: what
+    the steps call, when not the nets themselves (torchrun)."""
+    modules = modules or StepModules.of(nets)
     nets.zero_grad()
     nets.train()
     losses = {}
     if iteration % opt.gStepFreq == 0:
-        losses.update(generator_step(nets, optimizers, xData, zData, opt.wrecZ))
+        losses.update(generator_step(modules, optimizers, xData, zData, opt.wrecZ))
     if iteration % opt.dStepFreq == 0:
-        losses.update(discriminator_step(nets, optimizers, xData, xReal, zData))
+        losses.update(discriminator_step(modules, optimizers, xData, xReal, zData))
     return losses
 
 
@@ -110,8 +142,11 @@ def training_iteration(nets, optimizers, xData, xReal, zData, opt, iteration):
 
 def make_parser():
     p = argparse.ArgumentParser(description="Train ReDO (unsupervised object segmentation by redrawing).")
-    p.add_argument('--dataset', default="flowers", help='flowers | cub | lfw | cmnist')
+    p.add_argument('--dataset', default="flowers",
+                   help='flowers | cub | lfw | cmnist | synthetic (built in, no download) | folder (your images) '
+                        '| lfw+flowers (--dataroot LFW_ROOT,FLOWERS_ROOT)')
     p.add_argument('--dataroot', default='./data', help='path to dataset')
+    p.add_argument('--maskroot', default=None, help='--dataset folder: folder of ground-truth masks (optional)')
     p.add_argument('--nx', type=int, default=3, help='number of channels of the input image')
     p.add_argument('--sizex', type=int, default=128, help='size of the input image (only 128 is supported)')
     p.add_argument('--nz', type=int, default=32, help='size of the latent z vector')
@@ -268,12 +303,33 @@ class EpochSampler(torch.utils.data.Sampler):
         return self.size
 
 
+class ShardedBatchSampler(torch.utils.data.Sampler):
+    """Batches of batch_size indices from sampler, the incomplete last one dropped; under
+    torchrun each rank takes its own slice of every batch (batch_size is the global batch)."""
+
+    def __init__(self, sampler, batch_size, rank=0, world=1):
+        self.sampler, self.batch_size, self.rank, self.world = sampler, batch_size, rank, world
+
+    def __iter__(self):
+        share = self.batch_size // self.world
+        batch = []
+        for index in self.sampler:
+            batch.append(index)
+            if len(batch) == self.batch_size:
+                yield batch[self.rank * share:(self.rank + 1) * share]
+                batch = []
+
+    def __len__(self):
+        return len(self.sampler) // self.batch_size
+
+
 class BatchStream:
     """Endless shuffled batches of a dataset, a new epoch whenever one ends, resumable."""
 
-    def __init__(self, dataset, batch_size, workers, state=None):
+    def __init__(self, dataset, batch_size, workers, state=None, rank=0, world=1):
         self.sampler = EpochSampler(len(dataset))
-        self.loader = make_loader(dataset, batch_size, workers, self.sampler)
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=ShardedBatchSampler(self.sampler, batch_size, rank, world), num_workers=workers)
         self.consumed = 0  # batches of the current epoch
         if state is not None:
             self.sampler.resume(state["epoch_seed"], state["batches_consumed"] * batch_size)
@@ -426,23 +482,25 @@ class TrainingRun:
     """What a run holds between iterations. Set up as the original sets up, drawing random
     numbers in its order; or from a checkpoint, continuing exactly where it was saved."""
 
-    def __init__(self, opt, checkpoint=None):
+    def __init__(self, opt, checkpoint=None, dist=None):
         self.opt = opt
+        self.dist = dist or Distributed()
         self.device = torch.device(opt.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        self.log = (lambda *a: None) if opt.silent else print
+        self.log = print if self.dist.is_main and not opt.silent else (lambda *a: None)
         self.log("Random Seed: ", opt.manualSeed)
         seed_everything(opt.manualSeed)
         trainset, valset, testset = (self.load_split(split) for split in ("train", "val", "test"))
         self.trainloader = make_loader(trainset, opt.batchSize, opt.workers)
         self.nets = self.build_nets()
         self.optimizers = make_optimizers(self.nets, opt)
+        self.modules = self.dist.step_modules(self.nets)
         resume = None
         if checkpoint is not None:
             self.load_nets_and_optimizers(*checkpoint)
             resume = checkpoint[1].get("resume")
-        else:
+        elif self.dist.is_main:
             for name in ("train.dat", "test.dat", "val.dat"):
                 if os.path.exists(os.path.join(opt.outf, name)):
                     os.remove(os.path.join(opt.outf, name))
@@ -451,16 +509,18 @@ class TrainingRun:
         else:
             self.grid = SampleGrid(**{k: v.to(self.device) for k, v in resume["sampleGrid"].items()})
         self.valloader = make_loader(valset, opt.batchSize, opt.workers)
-        self.genData = BatchStream(trainset, opt.batchSize, opt.workers, resume and resume["genData"])
-        self.disData = BatchStream(trainset, opt.batchSize, opt.workers, resume and resume["disData"])
+        shard = dict(rank=self.dist.rank, world=self.dist.world)
+        self.genData = BatchStream(trainset, opt.batchSize, opt.workers, resume and resume["genData"], **shard)
+        self.disData = BatchStream(trainset, opt.batchSize, opt.workers, resume and resume["disData"], **shard)
         if resume is not None:
-            for name in DAT_FILES:
-                truncate_lines(os.path.join(opt.outf, name), resume["datLines"][name])
+            if self.dist.is_main:
+                for name in DAT_FILES:
+                    truncate_lines(os.path.join(opt.outf, name), resume["datLines"][name])
             restore_rng_states(resume["rng"])
 
     def load_split(self, split):
         opt = self.opt
-        dataset = datasets.make_dataset(opt.dataset, opt.dataroot, split, opt.sizex)
+        dataset = datasets.make_dataset(opt.dataset, opt.dataroot, split, opt.sizex, getattr(opt, "maskroot", None))
         if getattr(opt, "cacheData", False):
             dataset = datasets.InMemoryDataset(dataset, opt.workers)
             self.log("cached the %s split in memory: %d images, %.0f MB" % (split, len(dataset), dataset.nbytes() / 2**20))
@@ -489,14 +549,28 @@ class TrainingRun:
     def train_one_iteration(self):
         opt = self.opt
         xData, xReal = next(self.genData)[0].to(self.device), next(self.disData)[0].to(self.device)
-        zData = torch.randn((xData.size(0), opt.nMasks, opt.nz, 1, 1), device=self.device)
+        # the noise of the whole batch, drawn alike on every rank; each takes its own share
+        zData = torch.randn((xData.size(0) * self.dist.world, opt.nMasks, opt.nz, 1, 1), device=self.device)
+        zData = zData[self.dist.rank * xData.size(0):(self.dist.rank + 1) * xData.size(0)]
         with self.autocast():
-            losses = training_iteration(self.nets, self.optimizers, xData, xReal, zData, opt, opt.iteration)
+            losses = training_iteration(self.nets, self.optimizers, xData, xReal, zData, opt, opt.iteration,
+                                        self.modules)
         check_finite(losses, opt.iteration)
         opt.iteration += 1
 
     def checkpoint(self):
-        """Score, draw the sample grid, then restart after a collapse or save a checkpoint."""
+        """Score, draw the sample grid, then restart after a collapse or save a checkpoint.
+        Under torchrun rank 0 does it all, and its decision and random state are shared."""
+        decision = self.score_and_save() if self.dist.is_main else None
+        decision = self.dist.share(decision)
+        restore_rng_states(decision["rng"])  # rank 0's evaluation loaders drew from it
+        if decision["restart"]:
+            self.restart()
+        else:
+            self.opt.bestValIoU = decision["bestValIoU"]
+            self.nets.train()
+
+    def score_and_save(self):
         opt = self.opt
         self.nets.eval()
         scores = {"train": utils.evaluate(self.nets.netEncM, self.trainloader, self.device),
@@ -506,14 +580,15 @@ class TrainingRun:
             utils.append_line(os.path.join(opt.outf, split + ".dat"), "%d %s %s" % (opt.iteration, acc, iou))
         self.grid.save(self.nets, os.path.join(opt.outf, "out_%05d.png" % opt.iteration))
         self.nets.zero_grad()
+        restart = False
         if min(scores["train"][2], scores["val"][2]) < opt.autoRestart:
             print("Training appear to have collapsed.")
             if opt.iteration <= 7000:
                 print("Reinitializing training.")
-                self.restart()
-                return
-        self.save(scores["val"][1])
-        self.nets.train()
+                restart = True
+        if not restart:
+            self.save(scores["val"][1])
+        return {"restart": restart, "bestValIoU": opt.bestValIoU, "rng": rng_states()}
 
     def restart(self):
         """Fresh nets and optimizers after a collapse, drawing random numbers as the
@@ -521,6 +596,7 @@ class TrainingRun:
         streams go on."""
         self.nets = self.build_nets(netRecZ=self.nets.netRecZ)
         self.optimizers = make_optimizers(self.nets, self.opt)
+        self.modules = self.dist.step_modules(self.nets)
         self.opt.iteration = 0
 
     def state_dict(self):
@@ -569,15 +645,19 @@ def check_output_folder(outf):
         raise UserError("--outf %s: cannot write there (%s)" % (outf, e.strerror or e)) from None
 
 
-def train(opt, checkpoint=None):
+def train(opt, checkpoint=None, dist=None):
     """The original's training loop: iterations until --nIteration, a checkpoint every
-    --checkpointFreq. Returns the options at the end (iteration, bestValIoU)."""
-    check_output_folder(opt.outf)
-    run = TrainingRun(opt, checkpoint)
+    --checkpointFreq. Returns the TrainingRun at its end."""
+    dist = dist or Distributed()
+    if dist.is_main:
+        check_output_folder(opt.outf)
+    dist.barrier()
+    run = TrainingRun(opt, checkpoint, dist)
     del checkpoint  # its tensors are loaded; free them
     pbar = None
+    show_progress = dist.is_main and not opt.silent
     while opt.iteration <= opt.nIteration:
-        if pbar is None and not opt.silent:
+        if pbar is None and show_progress:
             pbar = tqdm(total=opt.checkpointFreq)
         run.train_one_iteration()
         if pbar is not None:
@@ -589,15 +669,77 @@ def train(opt, checkpoint=None):
             run.checkpoint()
     if pbar is not None:
         pbar.close()
-    return opt
+    return run
+
+
+# ----------------------------------------------------------------------------- several processes (torchrun)
+
+@dataclass
+class Distributed:
+    """This process's place among torchrun's: rank 0 of 1 without torchrun."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @classmethod
+    def from_environment(cls, opt):
+        """Join torchrun's process group (RANK, WORLD_SIZE, LOCAL_RANK in the environment)
+        and give this process its device: cuda:LOCAL_RANK on GPUs, else the CPU (gloo)."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return cls()
+        if opt.batchSize % world:
+            raise UserError("--batchSize %d: under torchrun it is the global batch, split evenly over the %d "
+                            "processes; use a multiple of %d" % (opt.batchSize, world, world))
+        dist = cls(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+        if torch.device(opt.device).type == "cuda":
+            opt.device = "cuda:%d" % dist.local_rank
+            torch.cuda.set_device(opt.device)
+        torch.distributed.init_process_group("nccl" if opt.device.startswith("cuda") else "gloo")
+        return dist
+
+    def step_modules(self, nets):
+        """What the training steps call: DistributedDataParallel wrappers under torchrun.
+        Spectral-norm vectors depend only on the weights, which DDP keeps equal, so every
+        rank updates them alike: no buffer broadcast."""
+        if self.world == 1:
+            return StepModules.of(nets)
+        device = next(nets.netEncM.parameters()).device
+        ids = [device.index] if device.type == "cuda" else None
+        return StepModules.of(nets, lambda module: torch.nn.parallel.DistributedDataParallel(
+            module, device_ids=ids, broadcast_buffers=False))
+
+    def share(self, obj):
+        """rank 0's obj, on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self):
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def close(self):
+        if self.world > 1:
+            torch.distributed.destroy_process_group()
 
 
 def main(argv=None):
+    dist = Distributed()
     try:
         opt, checkpoint = resolve_options(make_parser().parse_args(argv), explicit_flags(argv))
-        train(opt, checkpoint)
+        dist = Distributed.from_environment(opt)
+        train(opt, checkpoint, dist)
     except UserError as e:
         sys.exit("error: %s" % utils.user_error_message(e))
+    finally:
+        dist.close()
 
 
 if __name__ == "__main__":

@@ -138,18 +138,15 @@ def segmentation_scores(mPred, mData):
 
     A pixel belongs to the region with the largest mask (the first on ties). For K = 2 the
     two assignments are {region 0} (mPred[:, 0] >= .5) and {region 1} (mPred[:, 0] < .5):
-    the original's score exactly. IoU is NaN for an image where both masks are empty, and
-    both scores are NaN for an image whose mask is NaN (unknown).
+    the original's score exactly. IoU is NaN for an image where both masks are empty.
     """
     region = mPred.argmax(1, keepdim=True)
-    unknown = mData.isnan().flatten(1).any(1)  # LFW's train split has no ground truth
     accs, ious = [], []
     for subset in foreground_assignments(mPred.size(1)):
         pred = torch.isin(region, torch.tensor(subset, device=region.device)).float()
         accs.append((pred == mData).float().mean((-1, -2)))
         ious.append(((pred + mData) == 2).float().sum((-1, -2)) / ((pred + mData) >= 1).float().sum((-1, -2)))
-    acc, iou = torch.stack(accs).amax(0).squeeze(1), torch.stack(ious).amax(0).squeeze(1)
-    return acc.masked_fill(unknown, float("nan")), iou.masked_fill(unknown, float("nan"))
+    return torch.stack(accs).amax(0).squeeze(1), torch.stack(ious).amax(0).squeeze(1)
 
 
 def min_region_size(mPred):
@@ -159,18 +156,25 @@ def min_region_size(mPred):
 
 def evaluate(netEncM, loader, device):
     """Accuracy and IoU of netEncM over a loader of (image, mask) batches, as the original:
-    means over batches of per-batch means; and min_region_size of the last batch."""
-    sumAcc, sumIoU, nBatches = 0.0, 0.0, 0
+    means over batches of per-batch means; and min_region_size of the last batch. Images
+    without ground truth (NaN masks: LFW's train split) are left out of the means; a split
+    with none has NaN scores."""
+    sumAcc, sumIoU, nScored, mPred = 0.0, 0.0, 0, None
     with eval_mode(netEncM), torch.inference_mode():
         for xLoad, mLoad in loader:
+            mData = mLoad.to(device)
             mPred = netEncM(xLoad.to(device))
-            acc, iou = segmentation_scores(mPred, mLoad.to(device))
-            sumAcc += acc.mean().item()
-            sumIoU += iou.mean().item()
-            nBatches += 1
-    if nBatches == 0:
+            known = ~mData.isnan().flatten(1).any(1)
+            if known.any():
+                acc, iou = segmentation_scores(mPred[known], mData[known])
+                sumAcc += acc.mean().item()
+                sumIoU += iou.mean().item()
+                nScored += 1
+    if mPred is None:
         raise UserError("evaluation got no batch: the split has fewer images than --batchSize")
-    return sumAcc / nBatches, sumIoU / nBatches, min_region_size(mPred)
+    if nScored == 0:
+        return float("nan"), float("nan"), min_region_size(mPred)
+    return sumAcc / nScored, sumIoU / nScored, min_region_size(mPred)
 
 
 # ----------------------------------------------------------------------------- writing files

@@ -1,0 +1,54 @@
+"""Validation IoU against wall-clock time (not collected by pytest): runs train.py and prints
+one line per checkpoint, `minutes iteration val_accuracy val_IoU`, until --minutes have
+passed. Flags after `--` go to train.py (default: the README's synthetic quickstart).
+
+    python tests/learning_curve.py --minutes 30
+    python tests/learning_curve.py --minutes 10 -- --dataset synthetic --nf 16 --batchSize 4
+"""
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICKSTART = ["--dataset", "synthetic", "--nf", "8", "--batchSize", "8", "--lrM", "1e-4", "--checkpointFreq", "100",
+              "--cacheData", "--workers", "1", "--nIteration", "100000", "--manualSeed", "1", "--silent"]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--minutes", type=float, default=30)
+    p.add_argument("--outf", default=None, help="output folder (default: a temporary one)")
+    p.add_argument("train_flags", nargs="*", help="flags for train.py, after --")
+    args = p.parse_args()
+    flags = args.train_flags or QUICKSTART
+    outf = args.outf or tempfile.mkdtemp(prefix="redo_curve_")
+    command = [sys.executable, os.path.join(ROOT, "train.py")] + flags + ["--outf", outf]
+    print("# %s" % " ".join(command[1:]), flush=True)
+    print("# minutes iteration val_accuracy val_IoU", flush=True)
+    start = time.time()
+    process = subprocess.Popen(command)
+    seen, best = 0, float("nan")
+    val = os.path.join(outf, "val.dat")
+    try:
+        while time.time() - start < args.minutes * 60 and process.poll() is None:
+            time.sleep(2)
+            if os.path.exists(val):
+                with open(val) as f:
+                    lines = f.read().splitlines()
+                for line in lines[seen:]:
+                    iteration, acc, iou = line.split()
+                    best = float(iou) if best != best else max(best, float(iou))
+                    print("%.1f %s %.4f %.4f" % ((time.time() - start) / 60, iteration, float(acc), float(iou)),
+                          flush=True)
+                seen = len(lines)
+    finally:
+        process.kill()
+        process.wait()
+    print("# best validation IoU %.4f within %.1f minutes" % (best, (time.time() - start) / 60))
+
+
+if __name__ == "__main__":
+    main()

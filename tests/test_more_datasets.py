@@ -1,0 +1,131 @@
+"""The datasets beyond the original's: built-in synthetic, your own folder, LFW + Flowers."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import datasets
+import train
+import utils
+from conftest import SMALL_RUN, run_script
+
+
+def read_dat(path):
+    with open(path) as f:
+        return [[float(v) for v in line.split()] for line in f.read().splitlines()]
+
+
+def test_synthetic_images_are_deterministic_varied_and_masked():
+    train_split = datasets.make_dataset("synthetic", None, "train")
+    assert (len(train_split), len(datasets.make_dataset("synthetic", None, "val"))) == (2000, 200)
+    x, m = train_split[7]
+    x2, m2 = datasets.make_dataset("synthetic", "ignored", "train")[7]
+    assert torch.equal(x, x2) and torch.equal(m, m2)
+    assert x.shape == (3, 128, 128) and x.min() >= -1 and x.max() <= 1
+    assert set(m.unique().tolist()) == {0.0, 1.0}
+    sizes = [train_split[i][1].mean().item() for i in range(20)]
+    assert 0.03 < min(sizes) and max(sizes) < 0.5 and np.std(sizes) > 0.02
+    # the object differs from the background: its mean colour is not the background's
+    assert (x[:, m[0] == 1].mean(1) - x[:, m[0] == 0].mean(1)).abs().sum() > 0.1
+    assert not torch.equal(train_split[0][0], datasets.make_dataset("synthetic", None, "val")[0][0])
+
+
+def test_synthetic_trains_end_to_end_without_data(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets.SyntheticDataset, "SIZES", {"train": 8, "val": 4, "test": 4})
+    outf = tmp_path / "out"
+    train.main(["--dataset", "synthetic", "--outf", str(outf), "--nIteration", "3", "--checkpointFreq", "2",
+                "--cacheData"] + [str(a) for a in SMALL_RUN])
+    assert {"out_00002.png", "out_00004.png", "state_00004.pth", "train.dat", "val.dat"} <= set(os.listdir(outf))
+    for _, acc, iou in read_dat(outf / "val.dat"):
+        assert 0 <= iou <= acc <= 1
+
+
+def make_folder(root, n=12, with_masks=True, seed=0):
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        w, h = 60 + 7 * i, 80
+        image = np.full((h, w, 3), rng.integers(0, 100, 3), np.uint8)
+        mask = np.zeros((h, w), np.uint8)
+        mask[20:60, 15:45] = 255
+        image[mask > 0] = rng.integers(150, 255, 3)
+        sub = "a" if i % 2 else "b"
+        os.makedirs(root / "images" / sub, exist_ok=True)
+        Image.fromarray(image).save(root / "images" / sub / ("img%02d.jpg" % i))
+        if with_masks:
+            os.makedirs(root / "masks" / sub, exist_ok=True)
+            Image.fromarray(mask).save(root / "masks" / sub / ("img%02d.png" % i))
+
+
+def test_folder_dataset_splits_and_masks(tmp_path):
+    make_folder(tmp_path)
+    train_split = datasets.make_dataset("folder", str(tmp_path / "images"), "train", maskroot=str(tmp_path / "masks"))
+    val_split = datasets.make_dataset("folder", str(tmp_path / "images"), "val", maskroot=str(tmp_path / "masks"))
+    assert len(train_split) + len(val_split) == 12 and len(val_split) == 2
+    assert not set(train_split.files) & set(val_split.files)
+    x, m = val_split[0]
+    assert x.shape == (3, 128, 128) and set(m.unique().tolist()) == {0.0, 1.0}
+    unmasked = datasets.make_dataset("folder", str(tmp_path / "images"), "val")
+    assert torch.isnan(unmasked[0][1]).all()
+
+
+@pytest.mark.parametrize("with_masks", [True, False])
+def test_folder_dataset_trains_end_to_end(with_masks, tmp_path):
+    make_folder(tmp_path, n=20, with_masks=with_masks)
+    masks = ["--maskroot", tmp_path / "masks"] if with_masks else []
+    outf = tmp_path / "out"
+    run_script("train.py", "--dataset", "folder", "--dataroot", tmp_path / "images", *masks, "--outf", outf,
+               "--nIteration", 1, "--checkpointFreq", 2, *SMALL_RUN, cwd=tmp_path)
+    (_, acc, iou), = read_dat(outf / "val.dat")
+    if with_masks:
+        assert 0 <= iou <= acc <= 1
+    else:
+        assert np.isnan(acc) and np.isnan(iou)
+    assert (outf / "state_00002.pth").exists() and (outf / "out_00002.png").exists()
+
+
+def test_folder_dataset_names_a_missing_mask_and_a_bad_image(tmp_path):
+    make_folder(tmp_path, n=12)
+    os.remove(tmp_path / "masks" / "a" / "img03.png")
+    result = run_script("train.py", "--dataset", "folder", "--dataroot", tmp_path / "images", "--maskroot",
+                        tmp_path / "masks", "--outf", tmp_path / "out", *SMALL_RUN, cwd=tmp_path, check=False)
+    assert result.returncode != 0 and "no mask for a/img03.jpg" in result.stderr
+    (tmp_path / "images" / "b" / "img04.jpg").write_bytes(b"not a jpeg")
+    os.remove(tmp_path / "masks" / "b" / "img04.png")
+    (tmp_path / "masks" / "a" / "img03.png").write_bytes(b"")
+    result = run_script("train.py", "--dataset", "folder", "--dataroot", tmp_path / "images", "--outf",
+                        tmp_path / "out", "--nIteration", 50, "--checkpointFreq", 100, *SMALL_RUN, cwd=tmp_path,
+                        check=False)
+    assert result.returncode != 0 and "img04.jpg: cannot decode this image" in result.stderr
+
+
+def test_lfw_and_flowers_together(minidata_root, tmp_path):
+    outf = tmp_path / "out"
+    roots = "%s,%s" % (minidata_root / "lfw", minidata_root / "flowers")
+    run_script("train.py", "--dataset", "lfw+flowers", "--dataroot", roots, "--outf", outf, "--nIteration", 1,
+               "--checkpointFreq", 2, *SMALL_RUN, cwd=tmp_path)
+    for split in ("train", "val"):
+        (_, acc, iou), = read_dat(outf / (split + ".dat"))
+        assert 0 <= iou <= acc <= 1  # train: scored on the Flowers images, LFW's have no masks
+    mixed = datasets.make_dataset("lfw+flowers", roots, "train")
+    assert len(mixed) == 6 + 6
+    result = run_script("train.py", "--dataset", "lfw+flowers", "--dataroot", minidata_root / "lfw", "--outf", outf,
+                        *SMALL_RUN, cwd=tmp_path, check=False)
+    assert "takes two folders, LFW_ROOT,FLOWERS_ROOT" in result.stderr
+
+
+def test_evaluate_leaves_out_images_without_ground_truth():
+    class Half(torch.nn.Module):
+        def forward(self, x):
+            m = torch.zeros(x.size(0), 1, 4, 4)
+            m[..., :2] = 1
+            return torch.cat((m, 1 - m), 1)
+    known = torch.zeros(1, 1, 4, 4)
+    known[..., :2] = 1
+    unknown = torch.full((1, 1, 4, 4), float("nan"))
+    batches = [(torch.zeros(2, 3, 4, 4), torch.cat((known, unknown))), (torch.zeros(1, 3, 4, 4), unknown)]
+    acc, iou, _ = utils.evaluate(Half(), batches, "cpu")
+    assert acc == 1 and iou == 1
+    acc, iou, size = utils.evaluate(Half(), batches[1:], "cpu")
+    assert np.isnan(acc) and np.isnan(iou) and size == 0.5

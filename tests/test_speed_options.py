@@ -1,0 +1,106 @@
+"""The speed options keep the numbers: cache-blocked attention, --amp bf16, --cacheData, --compile."""
+import argparse
+import os
+
+import pytest
+import torch
+
+import models
+import train
+import utils
+from conftest import SMALL_RUN, run_script
+
+
+@pytest.mark.parametrize("n_queries", [1024, 1100])  # a whole number of blocks, and not
+def test_chunked_attention_equals_the_plain_formula(n_queries):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, n, d, generator=g, requires_grad=True) for n, d in ((n_queries, 4), (300, 4), (300, 6)))
+    grad = torch.randn(2, n_queries, 6, generator=g)
+    plain = torch.softmax(q @ k.transpose(1, 2), dim=-1) @ v
+    expected = torch.autograd.grad(plain, (q, k, v), grad)
+    chunked = models._ChunkedAttention.apply(q, k, v)
+    torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-6)
+    for got, want in zip(torch.autograd.grad(chunked, (q, k, v), grad), expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_split_mask_convolution_and_upsampled_shortcut_equal_the_original_layers():
+    torch.manual_seed(0)
+    conv = models.SNConv2d(9, 5, 3, 1, 1)
+    x, m = torch.randn(2, 8, 16, 16), torch.rand(2, 1, 16, 16)
+    for _ in range(10):  # power iterations: sigma near the weight's norm, outputs of order 1
+        conv(torch.cat((x, m), 1))
+    conv.eval()
+    torch.testing.assert_close(conv.forward_concat(x, m), conv(torch.cat((x, m), 1)), rtol=1e-5, atol=1e-5)
+    shortcut = models.UpsampledConv1x1(torch.nn.Upsample(scale_factor=2), models.SNConv2d(8, 4, 1)).eval()
+    assert torch.equal(shortcut(x), shortcut[1](shortcut[0](x)))
+
+
+def small_options(**changes):
+    opt = dict(sizex=128, nx=3, nz=8, nMasks=2, nResM=1, nf=4, nfD=4, nfX=4, nfM=4, nfZ=4, useSelfAttD=True,
+               useSelfAttG=True, temperature=1.0, wrecZ=5.0, initOrthoGain=0.8, lrG=1e-4, lrD=1e-4, lrZ=1e-4,
+               lrM=1e-5, wdecay=1e-4, gStepFreq=1, dStepFreq=1)
+    opt.update(changes)
+    return argparse.Namespace(**opt)
+
+
+def losses_of_iterations(precision, compile_nets=False, iterations=3):
+    opt = small_options()
+    torch.manual_seed(0)
+    nets = models.build_nets(opt)
+    if compile_nets:
+        for _, net in nets.items():
+            net.compile()
+    optimizers = train.make_optimizers(nets, opt)
+    g = torch.Generator().manual_seed(1)
+    history = []
+    for i in range(iterations):
+        x, xr = torch.rand(2, 3, 128, 128, generator=g) * 2 - 1, torch.rand(2, 3, 128, 128, generator=g) * 2 - 1
+        z = torch.randn(2, 2, opt.nz, 1, 1, generator=g)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            losses = train.training_iteration(nets, optimizers, x, xr, z, opt, i)
+        history.append({k: v.item() for k, v in losses.items()})
+    return history, nets
+
+
+def test_bf16_iterations_stay_close_to_fp32():
+    fp32, nets32 = losses_of_iterations("fp32")
+    bf16, nets16 = losses_of_iterations("bf16")
+    for a, b in zip(fp32, bf16):
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=0.03, abs=0.05), key
+    # the weights stay fp32, within three Adam steps of fp32's (lr 1e-4, at most 1.65 lr a step)
+    for (name, n32), (_, n16) in zip(nets32.items(), nets16.items()):
+        for (key, t32), (_, t16) in zip(n32.named_parameters(), n16.named_parameters()):
+            assert t16.dtype == torch.float32
+            assert (t16 - t32).abs().max() <= 2 * 1e-4 * (1 + 1.38 + 1.65), (name, key)
+
+
+@pytest.mark.skipif(not os.environ.get("REDO_SLOW_TESTS"), reason="torch.compile takes minutes on the CPU; set REDO_SLOW_TESTS=1")
+def test_compiled_iterations_stay_close_to_eager():
+    eager, _ = losses_of_iterations("fp32")
+    compiled, _ = losses_of_iterations("fp32", compile_nets=True)
+    for a, b in zip(eager, compiled):
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-3), key
+
+
+def test_cached_data_gives_the_same_run(minidata_root, tmp_path):
+    args = ["--dataset", "cub", "--dataroot", minidata_root / "cub", "--nIteration", 3, "--checkpointFreq", 2,
+            "--manualSeed", 2, *SMALL_RUN, "--workers", 1]
+    run_script("train.py", *args, "--outf", tmp_path / "disk", cwd=tmp_path)
+    run_script("train.py", *args, "--outf", tmp_path / "cached", "--cacheData", cwd=tmp_path)
+    disk = utils.load_checkpoint(tmp_path / "disk" / "state_00004.pth")
+    cached = utils.load_checkpoint(tmp_path / "cached" / "state_00004.pth")
+    for name in ("netEncM", "netGenX", "netDX", "netRecZ"):
+        for key in disk[name]:
+            assert torch.equal(disk[name][key], cached[name][key]), (name, key)
+    assert (tmp_path / "disk" / "val.dat").read_text() == (tmp_path / "cached" / "val.dat").read_text()
+
+
+def test_amp_flag_trains_and_is_saved(minidata_root, tmp_path):
+    run_script("train.py", "--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--outf", tmp_path,
+               "--nIteration", 1, "--checkpointFreq", 2, "--amp", "bf16", *SMALL_RUN, cwd=tmp_path)
+    state = utils.load_checkpoint(tmp_path / "state_00002.pth")
+    assert state["options"].amp == "bf16"
+    assert all(t.dtype == torch.float32 for t in state["netGenX"].values())
