@@ -129,7 +129,7 @@ def test_auto_restart_after_a_forced_collapse(minidata_root, tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--dataset", "imagenet"], "--dataset imagenet: unknown dataset (expected one of flowers, cub, lfw, cmnist)"),
+    (["--dataset", "imagenet"], "--dataset imagenet: unknown dataset (expected one of flowers, cub, lfw, cmnist, synthetic, folder, lfw+flowers)"),
     (["--sizex", "64"], "--sizex 64: only 128 is supported"),
     (["--nMasks", "1"], "--nMasks 1: ReDO needs at least 2 regions"),
     (["--batchSize", "0"], "--batchSize 0: expected a positive number"),
