@@ -329,7 +329,8 @@ class BatchStream:
     def __init__(self, dataset, batch_size, workers, state=None, rank=0, world=1):
         self.sampler = EpochSampler(len(dataset))
         self.loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=ShardedBatchSampler(self.sampler, batch_size, rank, world), num_workers=workers)
+            dataset, batch_sampler=ShardedBatchSampler(self.sampler, batch_size, rank, world), num_workers=workers,
+            worker_init_fn=functools.partial(seed_worker_for_rank, rank=rank) if world > 1 else None)
         self.consumed = 0  # batches of the current epoch
         if state is not None:
             self.sampler.resume(state["epoch_seed"], state["batches_consumed"] * batch_size)
@@ -404,6 +405,15 @@ class SampleGrid:
 
 
 # ----------------------------------------------------------------------------- random number generators
+
+def seed_worker_for_rank(worker_id, rank):
+    """Under torchrun, loader workers of different ranks draw different random numbers (a
+    dataset that draws its images, such as cmnist, must not give every rank the same)."""
+    seed = (torch.initial_seed() + 1000003 * rank) % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
 
 def seed_everything(seed):
     random.seed(seed)

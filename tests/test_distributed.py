@@ -72,7 +72,7 @@ def test_two_processes_match_one_process_with_the_whole_batch(minidata_root, tmp
 
 def test_resume_under_torchrun(minidata_root, tmp_path):
     args = ["--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--nf", 4, "--batchSize", 4,
-            "--nTest", 2, "--checkpointFreq", 2, "--manualSeed", 6, "--workers", 0, "--device", "cpu", "--silent",
+            "--nTest", 2, "--checkpointFreq", 2, "--manualSeed", 6, "--workers", 1, "--device", "cpu", "--silent",
             "--outf", tmp_path / "out"]
     torchrun(os.path.join(ROOT, "train.py"), args + ["--nIteration", 1], cwd=tmp_path)
     torchrun(os.path.join(ROOT, "train.py"), ["--resume", "--nIteration", 3, "--outf", tmp_path / "out"], cwd=tmp_path)
