@@ -160,7 +160,7 @@ def segment_own_images(nets, opt, args, device):
     files = list_images(args.images)
     written, skipped = 0, []
     for start in tqdm(range(0, len(files), args.batch_size), unit="batch", disable=len(files) <= args.batch_size):
-        batch, images = [], []
+        images = []
         for path, name in files[start:start + args.batch_size]:
             try:
                 images.append((datasets.open_image(path, "RGB"), name))

@@ -270,10 +270,10 @@ def check_options(opt):
 
 # ----------------------------------------------------------------------------- data
 
-def make_loader(dataset, batch_size, workers, sampler=None):
+def make_loader(dataset, batch_size, workers):
     """Shuffled batches, the last incomplete one dropped, as every loader of the original."""
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
-                                       num_workers=workers, drop_last=True)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
+                                       drop_last=True)
 
 
 class EpochSampler(torch.utils.data.Sampler):
