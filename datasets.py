@@ -17,6 +17,7 @@ from scipy import io
 from utils import UserError
 
 SPLITS = ("train", "val", "test")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 LAYOUTS = {
     "flowers": "DATAROOT/jpg/image_00001.jpg ..., DATAROOT/segmim/segmim_00001.jpg ..., DATAROOT/setid.mat",
@@ -27,6 +28,13 @@ LAYOUTS = {
     "cmnist": "DATAROOT/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte (downloaded when online)",
 }
 LAYOUTS["lfw+flowers"] = "--dataroot LFW_ROOT,FLOWERS_ROOT, each as for --dataset lfw and --dataset flowers"
+
+
+def image_files(folder):
+    """Paths, relative to folder, of the image files under it (recursively), sorted."""
+    return sorted(os.path.relpath(os.path.join(parent, name), folder)
+                  for parent, _, names in os.walk(folder) for name in names
+                  if name.lower().endswith(IMAGE_EXTENSIONS))
 
 
 def resize_and_crop(sizex):
@@ -302,18 +310,15 @@ class FolderDataset(torch.utils.data.Dataset):
     tenth image is held out for validation, and the test split is that same held-out set.
     Masks are optional: with maskPath, the mask of IMAGES/a/b.jpg is MASKS/a/b.<png, ...>
     (white on the object), and scores are computed; without, scores are NaN."""
-    EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
     def __init__(self, dataPath, sets="train", transform=None, sizex=128, maskPath=None):
         check_split(sets)
         if not os.path.isdir(dataPath):
             raise UserError("--dataroot %s: no such folder (--dataset folder: a folder of images)" % dataPath)
-        files = sorted(os.path.relpath(os.path.join(folder, name), dataPath)
-                       for folder, _, names in os.walk(dataPath) for name in names
-                       if name.lower().endswith(self.EXTENSIONS))
+        files = image_files(dataPath)
         if len(files) < 2:
             raise UserError("--dataroot %s: found %d image files, need at least 2 (looked for %s)"
-                            % (dataPath, len(files), ", ".join(self.EXTENSIONS)))
+                            % (dataPath, len(files), ", ".join(IMAGE_EXTENSIONS)))
         held_out = [i % 10 == 9 or i == len(files) - 1 for i in range(len(files))]
         self.files = [f for f, out in zip(files, held_out) if out == (sets != "train")]
         self.datapath, self.maskpath = dataPath, maskPath
@@ -323,7 +328,7 @@ class FolderDataset(torch.utils.data.Dataset):
 
     def _mask_file(self, image_file):
         stem = os.path.splitext(image_file)[0]
-        for ext in (".png",) + self.EXTENSIONS:
+        for ext in (".png",) + IMAGE_EXTENSIONS:
             path = os.path.join(self.maskpath, stem + ext)
             if os.path.exists(path):
                 return path

@@ -24,7 +24,6 @@ import models
 import utils
 from utils import UserError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 STATE_FLAGS = {"netEncM": "statePathM", "netGenX": "statePathX", "netRecZ": "statePathZ", "netDX": "statePathD"}
 NETWORK_OPTIONS = ("sizex", "nx", "nz", "nMasks")  # what nets from different files must agree on
 
@@ -126,17 +125,14 @@ def list_images(paths):
     found = []
     for path in paths:
         if os.path.isdir(path):
-            for folder, _, files in sorted(os.walk(path)):
-                for name in sorted(files):
-                    if name.lower().endswith(IMAGE_EXTENSIONS):
-                        full = os.path.join(folder, name)
-                        found.append((full, os.path.splitext(os.path.relpath(full, path))[0]))
+            found += [(os.path.join(path, rel), os.path.splitext(rel)[0]) for rel in datasets.image_files(path)]
         elif os.path.isfile(path):
             found.append((path, os.path.splitext(os.path.basename(path))[0]))
         else:
             raise UserError("--images %s: no such file or folder" % path)
     if not found:
-        raise UserError("--images %s: no image files found (looked for %s)" % (" ".join(paths), ", ".join(IMAGE_EXTENSIONS)))
+        raise UserError("--images %s: no image files found (looked for %s)"
+                        % (" ".join(paths), ", ".join(datasets.IMAGE_EXTENSIONS)))
     return found
 
 
