@@ -77,10 +77,10 @@ def load_given_nets(args, device):
 def check_same_configuration(opt, other, path):
     if opt is None:
         return
-    for key in NETWORK_OPTIONS:
-        if getattr(opt, key) != getattr(other, key):
-            raise UserError("%s: built for %s=%s, but the other weights for %s=%s"
-                            % (path, key, getattr(other, key), key, getattr(opt, key)))
+    differences = utils.option_differences(other, opt, NETWORK_OPTIONS)
+    if differences:
+        raise UserError("%s: built for another configuration than the other weights: %s"
+                        % (path, ", ".join(differences)))
 
 
 def require(nets, name, purpose):

@@ -452,10 +452,9 @@ def state_path(opt, iteration):
 
 def check_same_networks(saved, opt, path):
     """A checkpoint loads only into nets of its own configuration: name what differs."""
-    differences = ["%s=%s (this run: %s)" % (key, getattr(saved, key), getattr(opt, key))
-                   for key in NETWORK_OPTIONS if getattr(saved, key, None) != getattr(opt, key)]
+    differences = utils.option_differences(saved, opt, NETWORK_OPTIONS, "this run")
     if (saved.wrecZ > 0) != (opt.wrecZ > 0):
-        differences.append("wrecZ=%s (this run: %s)" % (saved.wrecZ, opt.wrecZ))
+        differences += utils.option_differences(saved, opt, ["wrecZ"], "this run")
     if differences:
         raise UserError("%s: saved for another configuration: %s" % (path, ", ".join(differences)))
 

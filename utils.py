@@ -95,6 +95,12 @@ def load_checkpoint(path, device="cpu"):
     return state
 
 
+def option_differences(opt, other, keys, other_name="other"):
+    """'key=value (other_name: value)' for each of keys on which two sets of options differ."""
+    return ["%s=%s (%s: %s)" % (key, getattr(opt, key, None), other_name, getattr(other, key, None))
+            for key in keys if getattr(opt, key, None) != getattr(other, key, None)]
+
+
 def load_nets(state, names, device="cpu", path="checkpoint"):
     """Build the named nets from a checkpoint's options and load their weights strictly, in eval mode."""
     opt = state["options"]
