@@ -77,6 +77,38 @@ class SNConv2d(nn.Conv2d):
         return (self._conv_forward(x, weight[:, :n], self.bias)
                 + self._conv_forward(extra, weight[:, n:], None))
 
+    def forward_avg_pooled(self, x):
+        """avg_pool2d(forward(x), 2) for a 3x3 convolution of padding 1, computed as one 4x4
+        convolution of stride 2: the same sums, 2.25 times fewer multiplications."""
+        weight = _combine_taps(self.normalized_weight(), _TAPS_CONV_THEN_POOL)
+        return F.conv2d(x, weight, self.bias, stride=2, padding=1)
+
+    def forward_upsampled(self, x, extra=None):
+        """forward(upsample(x)) for a 3x3 convolution of padding 1 after a nearest 2x
+        upsampling, computed as one 4x4 transposed convolution of stride 2 on x: the same
+        sums, 2.25 times fewer multiplications. With `extra`, the input is cat((x, extra), 1),
+        convolved apart as in forward_concat."""
+        weight = _combine_taps(self.normalized_weight(), _TAPS_UPSAMPLE_THEN_CONV).transpose(0, 1)
+        n = x.size(1)
+        out = F.conv_transpose2d(x, weight[:n], self.bias, stride=2, padding=1)
+        if extra is not None:
+            out = out + F.conv_transpose2d(extra, weight[n:], None, stride=2, padding=1)
+        return out
+
+
+# Rows: the 4 taps of a 4x4 stride-2 kernel; columns: which taps of a 3x3 kernel they sum.
+# conv3x3(pad 1) then 2x2 average pooling: output m reads input rows 2m-1 .. 2m+2.
+_TAPS_CONV_THEN_POOL = torch.tensor([[1., 0., 0.], [1., 1., 0.], [0., 1., 1.], [0., 0., 1.]]) / 2
+# Nearest 2x upsampling then conv3x3(pad 1), as a transposed convolution (stride 2, pad 1):
+# tap t of input row i lands on output row 2i + t - 1.
+_TAPS_UPSAMPLE_THEN_CONV = torch.tensor([[0., 0., 1.], [0., 1., 1.], [1., 1., 0.], [1., 0., 0.]])
+
+
+def _combine_taps(weight, taps):
+    """(out, in, 3, 3) kernel -> (out, in, 4, 4): taps applied along both spatial axes."""
+    taps = taps.to(weight)
+    return torch.einsum("yi,xj,oaij->oayx", taps, taps, weight)
+
 
 class UpsampledConv1x1(nn.Sequential):
     """Nearest upsampling then a 1x1 convolution (the modules stay in that order, for the
@@ -86,6 +118,17 @@ class UpsampledConv1x1(nn.Sequential):
     def forward(self, x):
         upsample, conv = self
         return upsample(conv(x))
+
+
+class ConvThenAvgPool(nn.Sequential):
+    """Layers ending with a 3x3 SNConv2d and a 2x2 average pooling (kept as modules, for the
+    checkpoints' keys), the last two computed together by SNConv2d.forward_avg_pooled."""
+
+    def forward(self, x):
+        *head, conv, _ = self
+        for layer in head:
+            x = layer(x)
+        return conv.forward_avg_pooled(x)
 
 
 def init_weights_orthogonal(net, gain, skip_spectral_norm=False):
@@ -179,11 +222,11 @@ class SelfAttention(nn.Module):
 
 
 def _res_down_block(nIn, nOut):
-    return nn.Sequential(nn.ReLU(),
-                         SNConv2d(nIn, nOut, 3, 1, 1, bias=True),
-                         nn.ReLU(),
-                         SNConv2d(nOut, nOut, 3, 1, 1, bias=True),
-                         nn.AvgPool2d(2))
+    return ConvThenAvgPool(nn.ReLU(),
+                           SNConv2d(nIn, nOut, 3, 1, 1, bias=True),
+                           nn.ReLU(),
+                           SNConv2d(nOut, nOut, 3, 1, 1, bias=True),
+                           nn.AvgPool2d(2))
 
 
 def _res_down_shortcut(nIn, nOut):
@@ -216,10 +259,10 @@ class _ResNet128(nn.Module):
 
     @staticmethod
     def _first_block(nIn, nf):
-        return nn.Sequential(SNConv2d(nIn, nf, 3, 1, 1, bias=True),
-                             nn.ReLU(),
-                             SNConv2d(nf, nf, 3, 1, 1, bias=True),
-                             nn.AvgPool2d(2))
+        return ConvThenAvgPool(SNConv2d(nIn, nf, 3, 1, 1, bias=True),
+                               nn.ReLU(),
+                               SNConv2d(nf, nf, 3, 1, 1, bias=True),
+                               nn.AvgPool2d(2))
 
     def _residual_tail(self, x):
         for bloc, sc in zip(self.blocs, self.sc):
@@ -312,8 +355,8 @@ class MaskedGenerator(nn.Module):
             if k == 4:
                 x = self.selfAtt(x)
             h = self._modulated_relu(self.normA[k], self.gammaA[k], self.betaA[k], x, c)
-            upsample, conv = self.convA[k]
-            h = conv.forward_concat(upsample(h), upsample(F.avg_pool2d(m, kernel_size=mask_ratio)))
+            _, conv = self.convA[k]  # (Upsample, SNConv2d), computed together
+            h = conv.forward_upsampled(h, F.avg_pool2d(m, kernel_size=mask_ratio))
             h = self.convB[k](self._modulated_relu(self.normB[k], self.gammaB[k], self.betaB[k], h, c))
             x = h + self.sc[k](x)
             mask_ratio //= 2
