@@ -84,16 +84,21 @@ class SNConv2d(nn.Conv2d):
         return F.conv2d(x, weight, self.bias, stride=2, padding=1)
 
     def forward_upsampled(self, x, extra=None):
-        """forward(upsample(x)) for a 3x3 convolution of padding 1 after a nearest 2x
-        upsampling, computed as one 4x4 transposed convolution of stride 2 on x: the same
-        sums, 2.25 times fewer multiplications. With `extra`, the input is cat((x, extra), 1),
-        convolved apart as in forward_concat."""
-        weight = _combine_taps(self.normalized_weight(), _TAPS_UPSAMPLE_THEN_CONV).transpose(0, 1)
+        """forward(upsample(x)) after a nearest 2x upsampling, computed by upsampled_conv3x3.
+        With `extra`, the input is cat((x, extra), 1), convolved apart as in forward_concat."""
+        weight = self.normalized_weight()
         n = x.size(1)
-        out = F.conv_transpose2d(x, weight[:n], self.bias, stride=2, padding=1)
+        out = upsampled_conv3x3(x, weight[:, :n], self.bias)
         if extra is not None:
-            out = out + F.conv_transpose2d(extra, weight[n:], None, stride=2, padding=1)
+            out = out + upsampled_conv3x3(extra, weight[:, n:], None)
         return out
+
+
+def upsampled_conv3x3(x, weight, bias):
+    """conv2d(upsample(x), weight, bias, padding=1), upsample being nearest 2x, computed as one
+    4x4 transposed convolution of stride 2 on x: the same sums, 2.25 times fewer multiplications."""
+    weight = _combine_taps(weight, _TAPS_UPSAMPLE_THEN_CONV).transpose(0, 1)
+    return F.conv_transpose2d(x, weight, bias, stride=2, padding=1)
 
 
 # Rows: the 4 taps of a 4x4 stride-2 kernel; columns: which taps of a 3x3 kernel they sum.
@@ -410,7 +415,10 @@ class _upConv(nn.Module):
                                   nn.Conv2d(nf // 4, nOut, 7, bias=True))
 
     def forward(self, x):
-        return self.mods(x)
+        _, conv1, norm1, relu1, _, conv2, norm2, relu2, pad, conv3 = self.mods  # upsamplings fused
+        x = relu1(norm1(upsampled_conv3x3(x, conv1.weight, conv1.bias)))
+        x = relu2(norm2(upsampled_conv3x3(x, conv2.weight, conv2.bias)))
+        return conv3(pad(x))
 
 
 def _pyramid_pooling(nf, size, bins):

@@ -39,11 +39,13 @@ def test_split_mask_convolution_and_upsampled_shortcut_equal_the_original_layers
 def test_fused_convolutions_equal_the_original_layers_in_value_and_gradient():
     """Exact math: compared in float64, where only rounding could tell them apart."""
     torch.manual_seed(0)
-    x, m = torch.randn(2, 6, 8, 8, dtype=torch.float64), torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    x, m = torch.randn(2, 8, 8, 8, dtype=torch.float64), torch.rand(2, 1, 8, 8, dtype=torch.float64)
     upsample = torch.nn.Upsample(scale_factor=2)
-    pooled = models.ConvThenAvgPool(torch.nn.ReLU(), models.SNConv2d(6, 5, 3, 1, 1), torch.nn.AvgPool2d(2)).double()
-    upsampled = models.SNConv2d(7, 5, 3, 1, 1, bias=False).double()
-    cases = [(pooled, lambda: pooled(x), lambda: torch.nn.Sequential.forward(pooled, x)),
+    pooled = models.ConvThenAvgPool(torch.nn.ReLU(), models.SNConv2d(8, 5, 3, 1, 1), torch.nn.AvgPool2d(2)).double()
+    upsampled = models.SNConv2d(9, 5, 3, 1, 1, bias=False).double()
+    up_conv = models._upConv(nOut=2, nf=8).double()
+    cases = [(up_conv, lambda: up_conv(x), lambda: up_conv.mods(x)),
+             (pooled, lambda: pooled(x), lambda: torch.nn.Sequential.forward(pooled, x)),
              (upsampled, lambda: upsampled.forward_upsampled(x, m),
               lambda: upsampled(upsample(torch.cat((x, m), 1))))]
     for module, fused, original in cases:
