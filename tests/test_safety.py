@@ -102,11 +102,14 @@ def test_kill_during_a_save_leaves_a_complete_file(tmp_path):
     path = tmp_path / "state.pth"
     writer = ("import sys, torch; sys.path.insert(0, %r); import utils\n"
               "x = torch.arange(4_000_000, dtype=torch.float32)\n"
-              "while True: utils.atomic_save({'x': x, 'options': None}, %r)\n" % (ROOT, str(path)))
+              "save = lambda: utils.atomic_save({'x': x, 'options': None}, %r)\n"
+              "save(); print('saved once', flush=True)\n"
+              "while True: save()\n" % (ROOT, str(path)))
     rng = random.Random(1)
     for _ in range(5):
-        process = subprocess.Popen([sys.executable, "-c", writer])
-        time.sleep(rng.uniform(2.0, 3.5))
+        process = subprocess.Popen([sys.executable, "-c", writer], stdout=subprocess.PIPE, text=True)
+        assert process.stdout.readline() == "saved once\n"  # however long importing torch took
+        time.sleep(rng.uniform(0.0, 1.0))  # then killed in the middle of one of the next saves
         process.kill()
         process.wait()
         state = torch.load(path)
