@@ -222,7 +222,7 @@ class SelfAttention(nn.Module):
         q = self.f(x).flatten(2).transpose(1, 2)                              # (B, H*W, nh)
         k = F.max_pool2d(self.g(x), kernel_size=2).flatten(2).transpose(1, 2)  # (B, H*W/4, nh)
         v = F.max_pool2d(self.h(x), kernel_size=2).flatten(2).transpose(1, 2)  # (B, H*W/4, nf/2)
-        out = attention(q, k, v).transpose(1, 2).reshape(B, self.nf // 2, H, W)
+        out = attention(q, k, v).transpose(1, 2).contiguous().view(B, self.nf // 2, H, W)  # not channels_last
         return self.o(out) * self.gamma + x
 
 
