@@ -13,8 +13,9 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICKSTART = ["--dataset", "synthetic", "--nf", "8", "--batchSize", "8", "--lrM", "1e-4", "--checkpointFreq", "100",
-              "--cacheData", "--workers", "1", "--nIteration", "100000", "--manualSeed", "1", "--silent"]
+QUICKSTART = ["--dataset", "synthetic", "--nf", "8", "--nfM", "32", "--batchSize", "8", "--lrM", "1e-4",
+              "--autoRestart", ".1", "--checkpointFreq", "100", "--cacheData", "--workers", "1",
+              "--nIteration", "100000", "--manualSeed", "1", "--silent"]
 
 
 def main():
