@@ -229,8 +229,9 @@ class CMNISTDataset(torch.utils.data.Dataset):
 
 class SyntheticDataset(torch.utils.data.Dataset):
     """A built-in dataset that needs no download: one object (ellipse, rotated rectangle,
-    triangle or star-shaped blob) of random colour and texture on a textured background of
-    other colours (gradient, stripes, checkerboard or smooth noise), with its exact mask.
+    triangle or star-shaped blob) in two shades of a random colour, textured, on a textured
+    background of two other colours (gradient, stripes, checkerboard or smooth noise), with
+    its exact mask.
     Image i of a split is drawn from a generator seeded by (split, i): the same images on
     every machine, computed when asked for. 2000 train, 200 val and 200 test images."""
     SIZES = {"train": 2000, "val": 200, "test": 200}
@@ -248,22 +249,25 @@ class SyntheticDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([20191208, self.split_id, idx])
         n = self.size
         yy, xx = np.mgrid[:n, :n] / n
-        background = self._texture(rng, yy, xx, *self._distinct_colours(rng, 2))
+        background_colours = rng.uniform(0, 1, (2, 3))
+        background = self._texture(rng, yy, xx, *background_colours)
         mask = self._shape(rng, yy, xx)
-        foreground = self._texture(rng, yy, xx, *self._distinct_colours(rng, 2, avoid=background.mean((0, 1))))
+        foreground = self._texture(rng, yy, xx, *self._object_colours(rng, background_colours))
         image = np.where(mask[..., None], foreground, background)
         image = np.clip(image + rng.normal(0, 0.02, image.shape), 0, 1)
         return (torch.from_numpy(image.transpose(2, 0, 1)).float() * 2 - 1,
                 torch.from_numpy(mask[None].astype(np.float32)))
 
     @staticmethod
-    def _distinct_colours(rng, count, avoid=None):
-        colours = []
-        while len(colours) < count:
-            c = rng.uniform(0, 1, 3)
-            if avoid is None or np.abs(c - avoid).sum() > 0.6:
-                colours.append(c)
-        return colours
+    def _object_colours(rng, background_colours):
+        """A colour and a darker shade of it, each unlike every background colour (L1 distance
+        over 0.6), so that the object is told from the background by its colours, never by its
+        shape alone."""
+        while True:
+            colour = rng.uniform(0, 1, 3)
+            pair = (colour, colour * rng.uniform(0.5, 0.8))
+            if all(np.abs(c - b).sum() > 0.6 for c in pair for b in background_colours):
+                return pair
 
     @staticmethod
     def _texture(rng, yy, xx, c1, c2):
