@@ -7,6 +7,7 @@ passed. Flags after `--` go to train.py (default: the README's synthetic quickst
 """
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -30,7 +31,7 @@ def main():
     print("# %s" % " ".join(command[1:]), flush=True)
     print("# minutes iteration val_accuracy val_IoU", flush=True)
     start = time.time()
-    process = subprocess.Popen(command)
+    process = subprocess.Popen(command, start_new_session=True)  # its own group, loader workers included
     seen, best = 0, float("nan")
     val = os.path.join(outf, "val.dat")
     try:
@@ -46,7 +47,7 @@ def main():
                           flush=True)
                 seen = len(lines)
     finally:
-        process.kill()
+        os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     print("# best validation IoU %.4f within %.1f minutes" % (best, (time.time() - start) / 60))
 

@@ -8,6 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
+import datasets
+import train
 import utils
 from conftest import SMALL_RUN, fixture_path, run_script
 
@@ -59,10 +61,11 @@ def test_training_writes_the_original_files(dataset, minidata_root, tmp_path):
     assert nets.netEncM(torch.zeros(1, 3, 128, 128)).shape == (1, 2, 128, 128)
 
 
-def test_cmnist_toy_dataset(minidata_root, tmp_path):
+def test_cmnist_toy_dataset(minidata_root, tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets.CMNISTDataset, "__len__", lambda self: 16)  # 1000 per split: slow to score
     outf = tmp_path / "out"
-    run_script("train.py", "--dataset", "cmnist", "--dataroot", minidata_root / "cmnist", "--outf", outf,
-               "--nIteration", 1, "--checkpointFreq", 2, "--nMasks", 3, *SMALL_RUN, cwd=tmp_path)
+    train.main(["--dataset", "cmnist", "--dataroot", str(minidata_root / "cmnist"), "--outf", str(outf),
+                "--nIteration", "1", "--checkpointFreq", "2", "--nMasks", "3"] + SMALL_RUN)
     with Image.open(outf / "out_00002.png") as img:
         assert img.size == grid_size(nTest=2, nMasks=3)
     (_, acc, iou), = read_dat(outf / "val.dat")
