@@ -4,6 +4,7 @@
 """
 import argparse
 import contextlib
+import ctypes
 import functools
 import glob
 import os
@@ -487,6 +488,31 @@ def truncate_lines(path, n):
 
 # ----------------------------------------------------------------------------- the training program
 
+def tune_for_device(device):
+    """Execution settings that change no number: cuDNN picks its fastest convolutions on a
+    GPU; on the CPU, freed memory is kept for reuse (keep_freed_memory)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    elif device.type == "cpu":
+        keep_freed_memory()
+
+
+def keep_freed_memory():
+    """Let glibc's malloc keep freed memory in the process instead of returning it to the
+    system. Each iteration frees and allocates again the same large activations (167 MB a
+    tensor at the paper's size); served by fresh mmap'd pages, every one of them costs a
+    page fault and the kernel zeroing it, which made the paper configuration 1.25x slower
+    on the CPU. The resident memory levels off a little above the peak (13% above it at
+    the paper's size, measured over iterations). No effect outside glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from malloc.h
+    libc.mallopt(M_MMAP_MAX, 0)        # large blocks from the heap, where freed ones are reused
+    libc.mallopt(M_TRIM_THRESHOLD, -1)  # never hand the heap's free top back to the system
+
+
 class TrainingRun:
     """What a run holds between iterations. Set up as the original sets up, drawing random
     numbers in its order; or from a checkpoint, continuing exactly where it was saved."""
@@ -495,8 +521,7 @@ class TrainingRun:
         self.opt = opt
         self.dist = dist or Distributed()
         self.device = torch.device(opt.device)
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
+        tune_for_device(self.device)
         self.log = print if self.dist.is_main and not opt.silent else (lambda *a: None)
         self.log("Random Seed: ", opt.manualSeed)
         seed_everything(opt.manualSeed)

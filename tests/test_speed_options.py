@@ -1,6 +1,9 @@
-"""The speed options keep the numbers: cache-blocked attention, --amp bf16, --cacheData, --compile."""
+"""The speed options keep the numbers: cache-blocked attention, fused convolutions, --amp bf16,
+--cacheData, --compile; and freed memory is reused on the CPU."""
 import argparse
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,7 +11,7 @@ import torch
 import models
 import train
 import utils
-from conftest import SMALL_RUN, run_script
+from conftest import ROOT, SMALL_RUN, run_script
 
 
 @pytest.mark.parametrize("n_queries", [1024, 1100])  # a whole number of blocks, and not
@@ -127,3 +130,32 @@ def test_amp_flag_trains_and_is_saved(minidata_root, tmp_path):
     state = utils.load_checkpoint(tmp_path / "state_00002.pth")
     assert state["options"].amp == "bf16"
     assert all(t.dtype == torch.float32 for t in state["netGenX"].values())
+
+
+PAGE_FAULTS_OF_ITERATIONS = """
+import resource, sys, torch
+sys.path.insert(0, %r)
+import train
+if sys.argv[1] == "tuned":
+    train.tune_for_device(torch.device("cpu"))
+
+def iteration():  # like a training iteration: large activations alive together, then all freed
+    activations = [torch.ones(2 ** 24 * (1 + i %% 3)) for i in range(6)]  # 64 to 192 MB each
+    return sum(a[0].item() for a in activations)
+
+iteration()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    iteration()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_training_on_the_cpu_reuses_freed_memory_instead_of_faulting_it_in_again():
+    script = PAGE_FAULTS_OF_ITERATIONS % ROOT
+    faults = {mode: int(subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True,
+                                       check=True).stdout)
+              for mode in ("default", "tuned")}
+    assert faults["default"] > 1000, faults  # otherwise there is nothing to save on this system
+    assert faults["tuned"] < faults["default"] / 4, faults
