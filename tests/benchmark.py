@@ -5,9 +5,10 @@ the share of evaluation at checkpoints.
     python tests/benchmark.py                                   # small and paper configurations
     python tests/benchmark.py --original ../ReDO                # also the original, for ratios
     python tests/benchmark.py --configs small --modes fp32,bf16 --iterations 5
+    python tests/benchmark.py --original ../ReDO --modes fp32 --rounds 3  # medians of 3 rounds
 
 --original points at a checkout of github mickaelChen/ReDO: its models.py is timed with
-the same training iteration (the step code is ours; the networks are the original's).
+its train.py's loop body, transcribed here step for step (original_iteration).
 Every measurement runs in a fresh process, so peak memory is its own.
 """
 import argparse
@@ -52,12 +53,42 @@ def original_nets(path, opt, device):
         netRecZ=original._netRecZ(sizex=128, nIn=3, nc=opt.nz, nf=opt.nfZ, nMasks=2)).to(device)
 
 
+def original_iteration(nets, optimizers, xData, xReal, zData, opt):
+    """The original train.py's loop body, step for step (our transcription, run on the
+    original's networks): the discriminator's parameter gradients are computed in the
+    generator step and zeroed before its own step, and the hinge loss is built from masks."""
+    nets.zero_grad()
+    nets.train()
+    mEnc = nets.netEncM(xData)
+    hGen = nets.netGenX(mEnc, zData)
+    xGen = (hGen + (1 - mEnc.unsqueeze(2)) * xData.unsqueeze(1)).flatten(0, 1)
+    lossG = -nets.netDX(xGen).mean()
+    zRec = nets.netRecZ(hGen.sum(1))
+    lossG = lossG + ((zData - zRec) * (zData - zRec)).mean() * opt.wrecZ
+    lossG.backward()
+    for name in ("optimizerEncM", "optimizerGenX", "optimizerRecZ"):
+        optimizers[name].step()
+    nets.netDX.zero_grad()
+    with torch.no_grad():
+        mEnc = nets.netEncM(xData)
+        hGen = nets.netGenX(mEnc, zData)
+        xGen = (hGen + (1 - mEnc.unsqueeze(2)) * xData.unsqueeze(1)).flatten(0, 1)
+    errReal = -1 + nets.netDX(xReal)
+    errFake = -1 - nets.netDX(xGen)
+    errReal = ((errReal < 0).float() * errReal).mean()
+    errFake = ((errFake < 0).float() * errFake).mean()
+    (-errReal - errFake).backward()
+    optimizers["optimizerDX"].step()
+
+
 def measure_iterations(config, mode, impl, iterations, device):
     """Runs in a child process: time training iterations, return a dict of figures."""
     import models
     import train
     opt = options(config)
     torch.manual_seed(0)
+    if impl == "ours":
+        train.tune_for_device(torch.device(device))  # as train.py does
     nets = original_nets(impl, opt, device) if impl != "ours" else models.build_nets(opt, device)
     if mode == "compile":
         for _, net in nets.items():
@@ -73,7 +104,10 @@ def measure_iterations(config, mode, impl, iterations, device):
         sync(device)
         start = time.perf_counter()
         with autocast:
-            train.training_iteration(nets, optimizers, x, xr, z, opt, i)
+            if impl == "ours":
+                train.training_iteration(nets, optimizers, x, xr, z, opt, i)
+            else:
+                original_iteration(nets, optimizers, x, xr, z, opt)
         sync(device)
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times[warmup:])
@@ -136,6 +170,12 @@ def child(args):
     print(json.dumps(result))
 
 
+def measure_round(config, runs, args):
+    """Each (implementation, mode) of runs measured once, one after the other."""
+    return {(impl, mode): run_child(config, mode, args.original if impl == "original" else "ours", args)
+            for impl, mode in runs}
+
+
 def run_child(config, mode, impl, args):
     command = [sys.executable, os.path.abspath(__file__), "--one", config, mode, impl,
                "--iterations", str(args.iterations), "--device", args.device]
@@ -151,6 +191,9 @@ def main():
     p.add_argument("--modes", default="fp32,bf16,compile")
     p.add_argument("--original", default=None, help="path to a checkout of the original ReDO")
     p.add_argument("--iterations", type=int, default=3, help="timed iterations per measurement (after warm-up)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure the original and ours this many times, back to back, and report medians "
+                        "(the speed-up is the median of the rounds' ratios: robust to a shared machine's load)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--skip-data", action="store_true")
     p.add_argument("--one", nargs=3, help=argparse.SUPPRESS)
@@ -161,26 +204,27 @@ def main():
     print("| configuration | implementation | mode | s / iteration | images / s | peak memory (MB) | speed-up vs original |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for config in args.configs.split(","):
-        reference = ours_fp32 = None
         runs = ([("original", "fp32")] if args.original else []) + [("ours", m) for m in args.modes.split(",")]
-        for impl, mode in runs:
-            r = run_child(config, mode, args.original if impl == "original" else "ours", args)
-            if "error" in r:
-                print("| %s | %s | %s | failed: %s | | | |" % (config, impl, mode, r["error"]))
+        rounds = [measure_round(config, runs, args) for _ in range(args.rounds)]
+        for run in runs:
+            results = [r[run] for r in rounds if "error" not in r[run]]
+            if not results:
+                print("| %s | %s | %s | failed: %s | | | |" % (config, *run, rounds[-1][run]["error"]))
                 continue
-            if impl == "original":
-                reference = r["seconds"]
-            elif mode == "fp32":
-                ours_fp32 = r["seconds"]
-            ratio = "%.2fx" % (reference / r["seconds"]) if reference else ""
+            ratios = [r[("original", "fp32")]["seconds"] / r[run]["seconds"] for r in rounds
+                      if args.original and "error" not in r[run] and "error" not in r[("original", "fp32")]]
+            seconds = statistics.median(r["seconds"] for r in results)
             print("| %s (nf=%d, nfX=%d, batch %d) | %s | %s | %.3f | %.2f | %.0f | %s |" % (
-                config, CONFIGS[config]["nf"], CONFIGS[config]["nfX"], CONFIGS[config]["batchSize"], impl, mode,
-                r["seconds"], r["images_per_second"], r["peak_mb"], ratio), flush=True)
+                config, CONFIGS[config]["nf"], CONFIGS[config]["nfX"], CONFIGS[config]["batchSize"], *run,
+                seconds, CONFIGS[config]["batchSize"] / seconds, max(r["peak_mb"] for r in results),
+                "%.2fx" % statistics.median(ratios) if ratios else ""), flush=True)
+        ours_fp32 = [r[("ours", "fp32")]["seconds"] for r in rounds if "seconds" in r.get(("ours", "fp32"), {})]
         per_image = measure_evaluation(config, args.device)
         share = ""
         if ours_fp32:
             eval_time = per_image * (6149 + 1020)
-            share = ", %.1f%% of a 500-iteration checkpoint period in fp32" % (100 * eval_time / (eval_time + 500 * ours_fp32))
+            share = ", %.1f%% of a 500-iteration checkpoint period in fp32" % (
+                100 * eval_time / (eval_time + 500 * statistics.median(ours_fp32)))
         print("\nevaluate(): %.4f s per image (%s)%s\n" % (per_image, config, share))
     if not args.skip_data:
         for name, value in measure_data([0, 2]).items():
