@@ -57,12 +57,11 @@ def original_iteration(nets, optimizers, xData, xReal, zData, opt):
     """The original train.py's loop body, step for step (our transcription, run on the
     original's networks): the discriminator's parameter gradients are computed in the
     generator step and zeroed before its own step, and the hinge loss is built from masks."""
+    import models
     nets.zero_grad()
     nets.train()
-    mEnc = nets.netEncM(xData)
-    hGen = nets.netGenX(mEnc, zData)
-    xGen = (hGen + (1 - mEnc.unsqueeze(2)) * xData.unsqueeze(1)).flatten(0, 1)
-    lossG = -nets.netDX(xGen).mean()
+    hGen, xGen = models.redraw(nets.netGenX, xData, nets.netEncM(xData), zData)  # the original's composite
+    lossG = -nets.netDX(xGen.flatten(0, 1)).mean()
     zRec = nets.netRecZ(hGen.sum(1))
     lossG = lossG + ((zData - zRec) * (zData - zRec)).mean() * opt.wrecZ
     lossG.backward()
@@ -70,11 +69,9 @@ def original_iteration(nets, optimizers, xData, xReal, zData, opt):
         optimizers[name].step()
     nets.netDX.zero_grad()
     with torch.no_grad():
-        mEnc = nets.netEncM(xData)
-        hGen = nets.netGenX(mEnc, zData)
-        xGen = (hGen + (1 - mEnc.unsqueeze(2)) * xData.unsqueeze(1)).flatten(0, 1)
+        _, xGen = models.redraw(nets.netGenX, xData, nets.netEncM(xData), zData)
     errReal = -1 + nets.netDX(xReal)
-    errFake = -1 - nets.netDX(xGen)
+    errFake = -1 - nets.netDX(xGen.flatten(0, 1))
     errReal = ((errReal < 0).float() * errReal).mean()
     errFake = ((errFake < 0).float() * errFake).mean()
     (-errReal - errFake).backward()
