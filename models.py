@@ -154,8 +154,9 @@ def init_weights_orthogonal(net, gain, skip_spectral_norm=False):
 
 class _ChunkedAttention(torch.autograd.Function):
     """softmax(q k^T) v for one head, computed in blocks of queries that stay in the CPU's
-    cache, the attention matrix recomputed in backward instead of stored (as flash
-    attention does). Same math as the plain formula, several times less memory traffic.
+    cache. The attention matrix is kept for backward only when a gradient is wanted (the
+    plain formula keeps it and several temporaries of its size). Same math as the plain
+    formula, less memory traffic.
 
     q: (B, N, d), k: (B, M, d), v: (B, M, c) -> (B, N, c).
     """
@@ -164,12 +165,22 @@ class _ChunkedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v):
         out = v.new_empty(q.size(0), q.size(1), v.size(2))
+        keep = any(ctx.needs_input_grad)
+        p = v.new_empty(q.size(0) if keep else 1, q.size(1) if keep else _ChunkedAttention.block, k.size(1))
+        for b, rows in _ChunkedAttention.blocks(q):
+            p_rows = p[b, rows] if keep else p[0, :rows.stop - rows.start]
+            torch.softmax(q[b, rows] @ k[b].t(), dim=-1, out=p_rows)
+            torch.mm(p_rows, v[b], out=out[b, rows])
+        if keep:
+            ctx.save_for_backward(q, k, v, out, p)
+        return out
+
+    @staticmethod
+    def blocks(q):
+        """(batch index, slice of query rows) of each block."""
         for b in range(q.size(0)):
             for n in range(0, q.size(1), _ChunkedAttention.block):
-                rows = slice(n, n + _ChunkedAttention.block)
-                out[b, rows] = torch.softmax(q[b, rows] @ k[b].t(), dim=-1) @ v[b]
-        ctx.save_for_backward(q, k, v, out)
-        return out
+                yield b, slice(n, min(n + _ChunkedAttention.block, q.size(1)))
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -179,17 +190,15 @@ class _ChunkedAttention(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_out):
         saved = ctx.saved_tensors
-        q, k, v, out, grad_out = (t.float() for t in saved + (grad_out,))  # accumulate in fp32 under autocast
+        q, k, v, out, p, grad_out = (t.float() for t in saved + (grad_out,))  # accumulate in fp32 under autocast
         grad_q, grad_k, grad_v = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
         row_dot = (grad_out * out).sum(-1, keepdim=True)  # sum_j P_ij dP_ij, for the softmax backward
-        for b in range(q.size(0)):
-            for n in range(0, q.size(1), _ChunkedAttention.block):
-                rows = slice(n, n + _ChunkedAttention.block)
-                p = torch.softmax(q[b, rows] @ k[b].t(), dim=-1)                  # (rows, M)
-                grad_v[b].addmm_(p.t(), grad_out[b, rows])
-                grad_s = (grad_out[b, rows] @ v[b].t()).sub_(row_dot[b, rows]).mul_(p)
-                grad_q[b, rows] = grad_s @ k[b]
-                grad_k[b].addmm_(grad_s.t(), q[b, rows])
+        for b, rows in _ChunkedAttention.blocks(q):
+            p_rows = p[b, rows]
+            grad_v[b].addmm_(p_rows.t(), grad_out[b, rows])
+            grad_s = (grad_out[b, rows] @ v[b].t()).sub_(row_dot[b, rows]).mul_(p_rows)
+            grad_q[b, rows] = grad_s @ k[b]
+            grad_k[b].addmm_(grad_s.t(), q[b, rows])
         return tuple(g.to(t.dtype) for g, t in zip((grad_q, grad_k, grad_v), saved))
 
 

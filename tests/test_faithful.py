@@ -1,5 +1,6 @@
 """The networks, the training iteration and evaluate() against the original's reference vectors."""
 import argparse
+import copy
 import json
 import random
 
@@ -40,6 +41,38 @@ def test_two_training_iterations_reproduce_the_original(vectors, fixture_options
             assert losses[key].item() == pytest.approx(step[key], rel=1e-4), (iteration, key)
     for name, net in nets.items():
         assert_weights_close(net.state_dict(), vectors["final_nets"][name], name)
+
+
+def test_adam_state_saved_by_the_original_resumes_in_our_fused_adam(fixture_options):
+    """The original's Adam (torch's loop over parameters; integer step counts before torch
+    1.12) saved a state; ours loads it, stays fused, and takes the same next step."""
+    torch.manual_seed(0)
+    net = models.build_net("netEncM", fixture_options)
+    grads = [[torch.randn_like(p) for p in net.parameters()] for _ in range(2)]
+
+    def step(optimizer, grad):
+        for p, g in zip(net.parameters(), grad):
+            p.grad = g.clone()
+        optimizer.step()
+
+    originals = torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.0, 0.9), weight_decay=1e-4)
+    step(originals, grads[0])
+    saved = copy.deepcopy(originals.state_dict())
+    for param_state in saved["state"].values():
+        param_state["step"] = int(param_state["step"])
+    before = [p.detach().clone() for p in net.parameters()]
+    step(originals, grads[1])
+    expected = [p.detach().clone() for p in net.parameters()]
+
+    with torch.no_grad():
+        for p, b in zip(net.parameters(), before):
+            p.copy_(b)
+    ours = train.make_optimizers(models.ReDONets(netEncM=net, netGenX=net, netDX=net), fixture_options)["optimizerEncM"]
+    train.load_optimizer_state(ours, saved)
+    assert ours.param_groups[0]["fused"] and ours.param_groups[0]["lr"] == 1e-3
+    step(ours, grads[1])
+    for got, want in zip(net.parameters(), expected):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-6, atol=1e-7)
 
 
 def test_eval_outputs_of_the_final_nets(vectors, fixture_options):
