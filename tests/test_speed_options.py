@@ -23,6 +23,8 @@ def test_chunked_attention_equals_the_plain_formula(n_queries):
     expected = torch.autograd.grad(plain, (q, k, v), grad)
     chunked = models._ChunkedAttention.apply(q, k, v)
     torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # no gradient wanted: the attention matrix is not kept
+        torch.testing.assert_close(models._ChunkedAttention.apply(q, k, v), plain, rtol=1e-5, atol=1e-6)
     for got, want in zip(torch.autograd.grad(chunked, (q, k, v), grad), expected):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
@@ -102,7 +104,28 @@ def test_bf16_iterations_stay_close_to_fp32():
             assert (t16 - t32).abs().max() <= 2 * 1e-4 * (1 + 1.38 + 1.65), (name, key)
 
 
+COMPILE_FAILS = ("known failure on torch 2.14.1 (README, --compile): the backward of a compiled spectral-norm "
+                 "convolution finds a saved tensor updated in place by the next call")
+
+
+@pytest.mark.xfail(reason=COMPILE_FAILS, raises=RuntimeError, strict=True)
+def test_compiled_spectral_norm_called_twice_before_backward():
+    """As the discriminator on real then fake images: each call's power iteration updates
+    the buffers, which must not be the tensors the first call saved for its backward."""
+    torch.manual_seed(0)
+    eager = models.SNConv2d(3, 4, 3, 1, 1)
+    compiled = models.SNConv2d(3, 4, 3, 1, 1)
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile()
+    x = torch.randn(2, 3, 8, 8)
+    for conv in (eager, compiled):
+        (conv(x).square().sum() + conv(2 * x).sum()).backward()
+    torch.testing.assert_close(compiled.weight_orig.grad, eager.weight_orig.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(compiled.weight_u, eager.weight_u)
+
+
 @pytest.mark.skipif(not os.environ.get("REDO_SLOW_TESTS"), reason="torch.compile takes minutes on the CPU; set REDO_SLOW_TESTS=1")
+@pytest.mark.xfail(reason=COMPILE_FAILS, raises=RuntimeError, strict=True)
 def test_compiled_iterations_stay_close_to_eager():
     eager, _ = losses_of_iterations("fp32")
     compiled, _ = losses_of_iterations("fp32", compile_nets=True)
