@@ -166,9 +166,12 @@ class _ChunkedAttention(torch.autograd.Function):
     def forward(ctx, q, k, v):
         out = v.new_empty(q.size(0), q.size(1), v.size(2))
         keep = any(ctx.needs_input_grad)
-        p = v.new_empty(q.size(0) if keep else 1, q.size(1) if keep else _ChunkedAttention.block, k.size(1))
+        if keep:  # the whole matrix, for backward
+            p = v.new_empty(q.size(0), q.size(1), k.size(1))
+        else:  # one block's rows, reused
+            p = v.new_empty(_ChunkedAttention.block, k.size(1))
         for b, rows in _ChunkedAttention.blocks(q):
-            p_rows = p[b, rows] if keep else p[0, :rows.stop - rows.start]
+            p_rows = p[b, rows] if keep else p[:rows.stop - rows.start]
             torch.softmax(q[b, rows] @ k[b].t(), dim=-1, out=p_rows)
             torch.mm(p_rows, v[b], out=out[b, rows])
         if keep:

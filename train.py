@@ -27,10 +27,11 @@ from utils import UserError
 
 # ----------------------------------------------------------------------------- the training iteration
 
-def make_optimizers(nets, opt):
+def make_optimizers(nets, opt, fused=True):
     """Adam with betas (0, 0.9) for each net; weight decay on the mask extractor only.
-    Fused: one kernel per step instead of several per parameter (the same formula)."""
-    adam = functools.partial(torch.optim.Adam, betas=(0.0, 0.9), fused=True)
+    Fused: one kernel per step instead of several per parameter (the same formula); the
+    original's is unfused (fused=False)."""
+    adam = functools.partial(torch.optim.Adam, betas=(0.0, 0.9), fused=fused)
     optimizers = {
         "optimizerEncM": adam(nets.netEncM.parameters(), lr=opt.lrM, weight_decay=opt.wdecay),
         "optimizerGenX": adam(nets.netGenX.parameters(), lr=opt.lrG),

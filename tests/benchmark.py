@@ -53,14 +53,6 @@ def original_nets(path, opt, device):
         netRecZ=original._netRecZ(sizex=128, nIn=3, nc=opt.nz, nf=opt.nfZ, nMasks=2)).to(device)
 
 
-def original_optimizers(nets, opt):
-    """The original's Adam: torch's default implementation (a loop over parameters on the CPU)."""
-    adam = lambda net, lr, **kw: torch.optim.Adam(net.parameters(), lr=lr, betas=(0.0, 0.9), amsgrad=False, **kw)
-    return {"optimizerEncM": adam(nets.netEncM, opt.lrM, weight_decay=opt.wdecay),
-            "optimizerGenX": adam(nets.netGenX, opt.lrG), "optimizerDX": adam(nets.netDX, opt.lrD),
-            "optimizerRecZ": adam(nets.netRecZ, opt.lrZ)}
-
-
 def original_iteration(nets, optimizers, xData, xReal, zData, opt):
     """The original train.py's loop body, step for step (our transcription, run on the
     original's networks): the discriminator's parameter gradients are computed in the
@@ -98,7 +90,7 @@ def measure_iterations(config, mode, impl, iterations, device):
     if mode == "compile":
         for _, net in nets.items():
             net.compile()
-    optimizers = train.make_optimizers(nets, opt) if impl == "ours" else original_optimizers(nets, opt)
+    optimizers = train.make_optimizers(nets, opt, fused=impl == "ours")  # the original's Adam is unfused
     B = opt.batchSize
     x, xr = torch.rand(B, 3, 128, 128, device=device) * 2 - 1, torch.rand(B, 3, 128, 128, device=device) * 2 - 1
     z = torch.randn(B, 2, opt.nz, 1, 1, device=device)
