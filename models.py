@@ -35,6 +35,11 @@ class SNConv2d(nn.Conv2d):
     as in the published weights. As the original: one power iteration per forward call
     in train mode, none in eval mode; u and v are drawn at construction, after the
     convolution's own initialisation.
+
+    The power iteration's new u and v replace the buffers instead of being copied into
+    them: a buffer is never changed in place. Under torch.compile (torch 2.14), the
+    backward may recompute from the buffer it read rather than keep what it computed, and
+    an in-place update then gives it the wrong vectors (README, --compile).
     """
 
     eps = 1e-12
@@ -61,8 +66,7 @@ class SNConv2d(nn.Conv2d):
             with torch.no_grad():
                 v = F.normalize(torch.mv(weight_mat.t(), u), dim=0, eps=self.eps)
                 u = F.normalize(torch.mv(weight_mat, v), dim=0, eps=self.eps)
-                self.weight_v.copy_(v)
-                self.weight_u.copy_(u)
+                self.weight_v, self.weight_u = v, u
         sigma = torch.dot(u, torch.mv(weight_mat, v))
         return self.weight_orig / sigma
 
