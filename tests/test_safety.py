@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import utils
-from conftest import ROOT, SMALL_RUN, fixture_path, run_script
+from conftest import ROOT, SMALL_RUN, fixture_path, run_process, run_script
 
 SEEDED_RUN = ["--dataset", "flowers", "--checkpointFreq", 2, "--manualSeed", 4, "--clean"] + SMALL_RUN
 
@@ -41,7 +41,7 @@ def _tensors(tree, prefix=""):
 def test_run_killed_at_random_moments_and_resumed_ends_bit_for_bit_as_uninterrupted(minidata_root, tmp_path):
     args = [str(a) for a in SEEDED_RUN + ["--dataroot", minidata_root / "flowers", "--nIteration", 9]]
     started = time.time()
-    run_script("train.py", *args, "--outf", tmp_path / "whole", cwd=tmp_path)
+    run_process("train.py", *args, "--outf", tmp_path / "whole", cwd=tmp_path)  # timed as the killed runs
     duration = time.time() - started
 
     outf = tmp_path / "killed"
@@ -197,7 +197,7 @@ def test_truncated_checkpoint(small_run, minidata_root, tmp_path):
 
 def test_not_a_checkpoint(tmp_path):
     (tmp_path / "notes.pth").write_text("hello")
-    result = run_script("example_load_pretrained.py", "--statePath", tmp_path / "notes.pth", "--dataroot", tmp_path,
+    result = run_process("example_load_pretrained.py", "--statePath", tmp_path / "notes.pth", "--dataroot", tmp_path,
                         "--device", "cpu", cwd=tmp_path, check=False)
     assert "notes.pth: not a readable PyTorch checkpoint" in one_line_error(result)
 
@@ -210,7 +210,7 @@ def test_checkpoint_of_another_configuration_names_the_difference(small_run, min
 
 
 def test_resume_with_nothing_to_resume(tmp_path):
-    result = run_script("train.py", "--resume", "--outf", tmp_path, *SMALL_RUN, cwd=tmp_path, check=False)
+    result = run_process("train.py", "--resume", "--outf", tmp_path, *SMALL_RUN, cwd=tmp_path, check=False)
     assert "--resume: no checkpoint to resume in --outf %s" % tmp_path in one_line_error(result)
 
 
