@@ -201,7 +201,7 @@ def make_parser():
     p.add_argument('--device', default=None, help='cpu | cuda | cuda:N (default: cuda if available, else cpu)')
     p.add_argument('--amp', default='none', choices=['none', 'bf16'],
                    help='mixed precision for the training iterations: bf16 autocast (CPU and CUDA)')
-    p.add_argument('--compile', action='store_true', help='compile the nets with torch.compile (training fails with it on torch 2.14.1: README, Speed)')
+    p.add_argument('--compile', action='store_true', help='compile the nets with torch.compile: minutes of compiling, for long GPU runs (README, Speed)')
     p.add_argument('--cacheData', action='store_true',
                    help='decode and resize the dataset once and keep it in memory (same images)')
     p.add_argument('--skipOrthoInitSN', action='store_true',
