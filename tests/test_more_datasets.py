@@ -7,7 +7,6 @@ import torch
 from PIL import Image
 
 import datasets
-import train
 import utils
 from conftest import SMALL_RUN, run_script
 
@@ -35,8 +34,8 @@ def test_synthetic_images_are_deterministic_varied_and_masked():
 def test_synthetic_trains_end_to_end_without_data(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.SyntheticDataset, "SIZES", {"train": 8, "val": 4, "test": 4})
     outf = tmp_path / "out"
-    train.main(["--dataset", "synthetic", "--outf", str(outf), "--nIteration", "3", "--checkpointFreq", "2",
-                "--cacheData"] + [str(a) for a in SMALL_RUN])
+    run_script("train.py", "--dataset", "synthetic", "--outf", outf, "--nIteration", 3, "--checkpointFreq", 2,
+               "--cacheData", *SMALL_RUN, cwd=tmp_path)
     assert {"out_00002.png", "out_00004.png", "state_00004.pth", "train.dat", "val.dat"} <= set(os.listdir(outf))
     for _, acc, iou in read_dat(outf / "val.dat"):
         assert 0 <= iou <= acc <= 1

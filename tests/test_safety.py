@@ -197,8 +197,8 @@ def test_truncated_checkpoint(small_run, minidata_root, tmp_path):
 
 def test_not_a_checkpoint(tmp_path):
     (tmp_path / "notes.pth").write_text("hello")
-    result = run_process("example_load_pretrained.py", "--statePath", tmp_path / "notes.pth", "--dataroot", tmp_path,
-                        "--device", "cpu", cwd=tmp_path, check=False)
+    result = run_process("example_load_pretrained.py", "--statePath", tmp_path / "notes.pth", "--dataroot",
+                         tmp_path, "--device", "cpu", cwd=tmp_path, check=False)
     assert "notes.pth: not a readable PyTorch checkpoint" in one_line_error(result)
 
 

@@ -9,7 +9,6 @@ import torch
 from PIL import Image
 
 import datasets
-import train
 import utils
 from conftest import SMALL_RUN, fixture_path, run_process, run_script
 
@@ -32,8 +31,7 @@ def test_training_writes_the_original_files(dataset, minidata_root, tmp_path):
     outf = tmp_path / "out"
     run = run_process if dataset == "flowers" else run_script  # once as a user runs it: a new process
     result = run("train.py", "--dataset", dataset, "--dataroot", minidata_root / dataset, "--outf", outf,
-                        "--nIteration", 3, "--checkpointFreq", 2, "--manualSeed", 3, "--clean", *SMALL_RUN,
-                        cwd=tmp_path)
+                 "--nIteration", 3, "--checkpointFreq", 2, "--manualSeed", 3, "--clean", *SMALL_RUN, cwd=tmp_path)
     assert result.stdout == ""  # --silent
     assert sorted(os.listdir(outf)) == ["best.pth", "options.pth", "out_00002.png", "out_00004.png",
                                         "state_00004.pth", "train.dat", "val.dat"]
@@ -65,8 +63,8 @@ def test_training_writes_the_original_files(dataset, minidata_root, tmp_path):
 def test_cmnist_toy_dataset(minidata_root, tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.CMNISTDataset, "__len__", lambda self: 16)  # 1000 per split: slow to score
     outf = tmp_path / "out"
-    train.main(["--dataset", "cmnist", "--dataroot", str(minidata_root / "cmnist"), "--outf", str(outf),
-                "--nIteration", "1", "--checkpointFreq", "2", "--nMasks", "3"] + SMALL_RUN)
+    run_script("train.py", "--dataset", "cmnist", "--dataroot", minidata_root / "cmnist", "--outf", outf,
+               "--nIteration", 1, "--checkpointFreq", 2, "--nMasks", 3, *SMALL_RUN, cwd=tmp_path)
     with Image.open(outf / "out_00002.png") as img:
         assert img.size == grid_size(nTest=2, nMasks=3)
     (_, acc, iou), = read_dat(outf / "val.dat")
