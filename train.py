@@ -502,6 +502,12 @@ def truncate_lines(path, n):
 
 # ----------------------------------------------------------------------------- the training program
 
+def compile_nets(nets, backend="inductor"):
+    """--compile: torch.compile on each net, in place, so that the checkpoints keep their keys."""
+    for _, net in nets.items():
+        net.compile(backend=backend)
+
+
 def tune_for_device(device):
     """Execution settings that change no number: cuDNN picks its fastest convolutions on a
     GPU; on the CPU, freed memory is kept for reuse (keep_freed_memory)."""
@@ -578,8 +584,7 @@ class TrainingRun:
         """The nets, compiled with --compile (in place: the checkpoints keep their keys)."""
         nets = models.build_nets(self.opt, self.device, netRecZ=netRecZ)
         if getattr(self.opt, "compile", False):
-            for _, net in nets.items():
-                net.compile()
+            compile_nets(nets)
         return nets
 
     def autocast(self):

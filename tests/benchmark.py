@@ -88,8 +88,7 @@ def measure_iterations(config, mode, impl, iterations, device):
         train.tune_for_device(torch.device(device))  # as train.py does
     nets = original_nets(impl, opt, device) if impl != "ours" else models.build_nets(opt, device)
     if mode == "compile":
-        for _, net in nets.items():
-            net.compile()
+        train.compile_nets(nets)
     optimizers = train.make_optimizers(nets, opt, fused=impl == "ours")  # the original's Adam is unfused
     B = opt.batchSize
     x, xr = torch.rand(B, 3, 128, 128, device=device) * 2 - 1, torch.rand(B, 3, 128, 128, device=device) * 2 - 1

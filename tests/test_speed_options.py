@@ -78,8 +78,7 @@ def losses_of_iterations(precision, compile_backend=None, iterations=3):
     torch.manual_seed(0)
     nets = models.build_nets(opt)
     if compile_backend:
-        for _, net in nets.items():
-            net.compile(backend=compile_backend)
+        train.compile_nets(nets, compile_backend)
     optimizers = train.make_optimizers(nets, opt)
     g = torch.Generator().manual_seed(1)
     history = []
