@@ -634,7 +634,7 @@ class TrainingRun:
         self.grid.save(self.nets, os.path.join(opt.outf, "out_%05d.png" % opt.iteration))
         self.nets.zero_grad()
         restart = False
-        if min(scores["train"][2], scores["val"][2]) < opt.autoRestart:
+        if utils.has_collapsed([scores["train"][2], scores["val"][2]], opt.autoRestart):
             print("Training appear to have collapsed.")
             if opt.iteration <= 7000:
                 print("Reinitializing training.")

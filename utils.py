@@ -160,6 +160,13 @@ def min_region_size(mPred):
     return mPred.mean((0, 2, 3)).min().item()
 
 
+def has_collapsed(min_region_sizes, threshold):
+    """The --autoRestart test, as the original: the smallest region is under `threshold`
+    (strictly) on every split scored (train and val), not on one only: a batch of small
+    objects is not a collapse."""
+    return all(size < threshold for size in min_region_sizes)
+
+
 def evaluate(netEncM, loader, device):
     """Accuracy and IoU of netEncM over a loader of (image, mask) batches, as the original:
     means over batches of per-batch means; and min_region_size of the last batch. Images

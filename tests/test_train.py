@@ -109,6 +109,13 @@ def test_seeded_run_retraces_the_original(tmp_path):
         assert (diffs > 1e-5).float().mean() <= 0.1, net
 
 
+@pytest.mark.parametrize("train_size, val_size, threshold, collapsed", [
+    (0.02, 0.03, 0.1, True), (0.02, 0.30, 0.1, False), (0.30, 0.02, 0.1, False), (0.10, 0.02, 0.1, False),
+    (0.0, 0.0, 0, False)])  # the last: --autoRestart 0, off
+def test_collapse_needs_a_small_region_on_train_and_val(train_size, val_size, threshold, collapsed):
+    assert utils.has_collapsed([train_size, val_size], threshold) == collapsed
+
+
 def test_auto_restart_after_a_forced_collapse(minidata_root, tmp_path):
     outf = tmp_path / "out"
     common = ["--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--outf", outf,
