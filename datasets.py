@@ -229,9 +229,9 @@ class CMNISTDataset(torch.utils.data.Dataset):
 
 class SyntheticDataset(torch.utils.data.Dataset):
     """A built-in dataset that needs no download: one object (ellipse, rotated rectangle,
-    triangle or star-shaped blob) in two shades of a random colour, textured, on a textured
-    background of two other colours (gradient, stripes, checkerboard or smooth noise), with
-    its exact mask.
+    triangle or star-shaped blob) in two shades of a random colour, textured, on a
+    low-contrast textured background of two other, near colours (gradient, stripes,
+    checkerboard or smooth noise), with its exact mask.
     Image i of a split is drawn from a generator seeded by (split, i): the same images on
     every machine, computed when asked for. 2000 train, 200 val and 200 test images."""
     SIZES = {"train": 2000, "val": 200, "test": 200}
@@ -249,7 +249,9 @@ class SyntheticDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([20191208, self.split_id, idx])
         n = self.size
         yy, xx = np.mgrid[:n, :n] / n
-        background_colours = rng.uniform(0, 1, (2, 3))
+        # two near colours (each channel within 0.3): a low-contrast texture, as out of focus
+        base = rng.uniform(0, 1, 3)
+        background_colours = np.stack([base, np.clip(base + rng.uniform(-0.3, 0.3, 3), 0, 1)])
         background = self._texture(rng, yy, xx, *background_colours)
         mask = self._shape(rng, yy, xx)
         foreground = self._texture(rng, yy, xx, *self._object_colours(rng, background_colours))
@@ -260,12 +262,12 @@ class SyntheticDataset(torch.utils.data.Dataset):
 
     @staticmethod
     def _object_colours(rng, background_colours):
-        """A colour and a darker shade of it, each unlike every background colour (L1 distance
-        over 0.6), so that the object is told from the background by its colours, never by its
-        shape alone."""
+        """A colour and a slightly darker shade of it, each unlike every background colour
+        (L1 distance over 0.6), so that the object is told from the background by its colours,
+        never by its shape alone."""
         while True:
             colour = rng.uniform(0, 1, 3)
-            pair = (colour, colour * rng.uniform(0.5, 0.8))
+            pair = (colour, colour * rng.uniform(0.7, 0.9))
             if all(np.abs(c - b).sum() > 0.6 for c in pair for b in background_colours):
                 return pair
 
@@ -290,7 +292,7 @@ class SyntheticDataset(torch.utils.data.Dataset):
 
     @staticmethod
     def _shape(rng, yy, xx):
-        """A boolean mask of one object covering about 8% to 35% of the image."""
+        """A boolean mask of one object covering about 5% to 33% of the image (12% on average)."""
         cy, cx = rng.uniform(0.3, 0.7, 2)
         r = rng.uniform(0.16, 0.3)
         angle = rng.uniform(0, 2 * np.pi)

@@ -15,7 +15,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = ["--dataset", "synthetic", "--nf", "8", "--nfM", "32", "--batchSize", "8", "--lrM", "1e-4",
-              "--autoRestart", ".1", "--checkpointFreq", "100", "--cacheData", "--workers", "1",
+              "--autoRestart", ".05", "--checkpointFreq", "250", "--cacheData", "--workers", "1",
               "--nIteration", "100000", "--manualSeed", "1", "--silent"]
 
 
