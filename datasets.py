@@ -366,6 +366,11 @@ DATASETS = {"flowers": FlowersDataset, "cub": CUBDataset, "lfw": LFWDataset, "cm
             "synthetic": SyntheticDataset, "folder": FolderDataset, "lfw+flowers": lfw_and_flowers}
 
 
+def needs_dataroot(name):
+    """Whether the dataset `name` is read from --dataroot (all but the one generated in code)."""
+    return name != "synthetic"
+
+
 def make_dataset(name, root, split, sizex=128, maskroot=None):
     """The dataset `name` (a key of DATASETS) at `root`, one of its splits."""
     if name not in DATASETS:

@@ -5,6 +5,8 @@
     python example_load_pretrained.py --statePathM flowers_netM_state.pth --statePathX flowers_netX_state.pth --dataroot DATA --device cpu
     # accuracy and IoU of the mask extractor over a whole split
     python example_load_pretrained.py --statePathM flowers_netM_state.tar.gz --dataroot DATA --score --split test
+    # a run of --dataset synthetic needs no --dataroot
+    python example_load_pretrained.py --statePath out/best.pth --score --split test
     # masks of your own images, at their own size
     python example_load_pretrained.py --statePathM flowers_netM_state.tar.gz --images photos/ --outdir masks/
 """
@@ -37,7 +39,7 @@ def make_parser():
     p.add_argument('--statePathX', default=None, help='weights of the region generators (netX)')
     p.add_argument('--statePathZ', default=None, help='weights of the noise reconstructor (netZ)')
     p.add_argument('--statePathD', default=None, help='weights of the discriminator (netD)')
-    p.add_argument('--dataroot', default=None, help='path to the dataset the weights were trained on')
+    p.add_argument('--dataroot', default=None, help='path to the dataset the weights were trained on (none for synthetic)')
     p.add_argument('--dataset', default=None, help="dataset at --dataroot (default: the checkpoint's)")
     p.add_argument('--split', default=None, choices=datasets.SPLITS,
                    help='split to draw images from (default as the original: test for lfw, train otherwise)')
@@ -191,17 +193,18 @@ def run(args):
     device = utils.resolve_device(args.device)
     if args.batch_size < 1:
         raise UserError("--batch_size %d: expected a positive number" % args.batch_size)
-    if args.dataroot is None and not args.images:
-        raise UserError("nothing to do: give --dataroot (images of the dataset) and/or --images (your own)")
     if args.seed is not None:
         torch.manual_seed(args.seed)
     nets, opt = load_given_nets(args, device)
+    use_dataset = args.dataroot is not None or not datasets.needs_dataroot(args.dataset or opt.dataset)
+    if not use_dataset and not args.images:
+        raise UserError("nothing to do: give --dataroot (images of the dataset) and/or --images (your own)")
     loaded = [name for name, _ in nets.items()]
     print("loaded %s on %s" % (", ".join(loaded), device))
     require(nets, "netEncM", "segmenting")
     if not 0 <= args.region < opt.nMasks:
         raise UserError("--region %d: these weights have regions 0 to %d" % (args.region, opt.nMasks - 1))
-    if args.dataroot is not None:
+    if use_dataset:
         dataset, name, split = dataset_split(args, opt)
         loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True)
         if len(dataset) == 0:

@@ -91,6 +91,13 @@ def test_unreadable_own_image_is_named(tmp_path):
     assert "broken.jpg: cannot decode this image" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_weights_of_a_dataset_on_disk_need_dataroot_or_images(tmp_path):
+    result = run_script(SCRIPT, "--statePathM", fixture_path("redo_small_netM_state.pth"), "--device", "cpu",
+                        cwd=tmp_path, check=False)
+    assert result.returncode != 0
+    assert "nothing to do: give --dataroot (images of the dataset) and/or --images" in result.stderr
+
+
 def test_redraw_without_generators_says_what_is_missing(tmp_path):
     Image.new("RGB", (50, 40)).save(tmp_path / "x.png")
     result = run_script(SCRIPT, "--statePathM", fixture_path("redo_small_netM_state.pth"), "--images",

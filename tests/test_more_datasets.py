@@ -39,6 +39,10 @@ def test_synthetic_trains_end_to_end_without_data(tmp_path, monkeypatch):
     assert {"out_00002.png", "out_00004.png", "state_00004.pth", "train.dat", "val.dat"} <= set(os.listdir(outf))
     for _, acc, iou in read_dat(outf / "val.dat"):
         assert 0 <= iou <= acc <= 1
+    # its checkpoint is shown and scored without a --dataroot
+    shown = run_script("example_load_pretrained.py", "--statePath", outf / "state_00004.pth", "--score",
+                       "--split", "test", "--batch_size", 4, cwd=tmp_path)
+    assert "test split of synthetic (4 images): accuracy" in shown.stdout and (tmp_path / "out.png").exists()
 
 
 def make_folder(root, n=12, with_masks=True, seed=0):
