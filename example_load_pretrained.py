@@ -39,7 +39,8 @@ def make_parser():
     p.add_argument('--statePathX', default=None, help='weights of the region generators (netX)')
     p.add_argument('--statePathZ', default=None, help='weights of the noise reconstructor (netZ)')
     p.add_argument('--statePathD', default=None, help='weights of the discriminator (netD)')
-    p.add_argument('--dataroot', default=None, help='path to the dataset the weights were trained on (none for synthetic)')
+    p.add_argument('--dataroot', default=None,
+                   help='path to the dataset the weights were trained on (none for synthetic)')
     p.add_argument('--dataset', default=None, help="dataset at --dataroot (default: the checkpoint's)")
     p.add_argument('--split', default=None, choices=datasets.SPLITS,
                    help='split to draw images from (default as the original: test for lfw, train otherwise)')
@@ -94,10 +95,9 @@ def require(nets, name, purpose):
 
 # ----------------------------------------------------------------------------- a dataset
 
-def dataset_split(args, opt):
-    dataset = args.dataset or opt.dataset
-    split = args.split or ("test" if dataset == "lfw" else "train")
-    return datasets.make_dataset(dataset, args.dataroot, split, opt.sizex), dataset, split
+def dataset_split(name, args, opt):
+    split = args.split or ("test" if name == "lfw" else "train")
+    return datasets.make_dataset(name, args.dataroot, split, opt.sizex), split
 
 
 @torch.no_grad()
@@ -196,7 +196,8 @@ def run(args):
     if args.seed is not None:
         torch.manual_seed(args.seed)
     nets, opt = load_given_nets(args, device)
-    use_dataset = args.dataroot is not None or not datasets.needs_dataroot(args.dataset or opt.dataset)
+    dataset_name = args.dataset or opt.dataset
+    use_dataset = args.dataroot is not None or not datasets.needs_dataroot(dataset_name)
     if not use_dataset and not args.images:
         raise UserError("nothing to do: give --dataroot (images of the dataset) and/or --images (your own)")
     loaded = [name for name, _ in nets.items()]
@@ -205,21 +206,23 @@ def run(args):
     if not 0 <= args.region < opt.nMasks:
         raise UserError("--region %d: these weights have regions 0 to %d" % (args.region, opt.nMasks - 1))
     if use_dataset:
-        dataset, name, split = dataset_split(args, opt)
+        dataset, split = dataset_split(dataset_name, args, opt)
         loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True)
         if len(dataset) == 0:
-            raise UserError("--dataroot %s: the %s split of %s is empty" % (args.dataroot, split, name))
+            raise UserError("--dataroot %s: the %s split of %s is empty" % (args.dataroot, split, dataset_name))
         columns = save_sample_grid(nets, loader, opt, device, args.out)
         print("wrote %s: %d images of the %s split of %s, %d columns (input, ground truth, soft mask, "
-              "binarized mask%s)" % (os.path.abspath(args.out), min(args.batch_size, len(dataset)), split, name,
-                                     columns, ", one redraw per region" if nets.netGenX is not None else ""))
+              "binarized mask%s)" % (os.path.abspath(args.out), min(args.batch_size, len(dataset)), split,
+                                     dataset_name, columns,
+                                     ", one redraw per region" if nets.netGenX is not None else ""))
         if nets.netGenX is None:
             print("no redraws: they need the region generators (netGenX): give --statePathX, or --statePath "
                   "with a file that holds them")
         if args.score:
             in_order = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False)
             acc, iou, _ = utils.evaluate(nets.netEncM, in_order, device)
-            print("%s split of %s (%d images): accuracy %.4f IoU %.4f" % (split, name, len(dataset), acc, iou))
+            print("%s split of %s (%d images): accuracy %.4f IoU %.4f"
+                  % (split, dataset_name, len(dataset), acc, iou))
     elif args.score:
         raise UserError("--score needs --dataroot (a dataset with ground-truth masks)")
     if args.images:
