@@ -27,31 +27,47 @@ from utils import UserError
 
 # ----------------------------------------------------------------------------- the training iteration
 
+# each optimizer: the net it updates, the flag of its learning rate, of its weight decay
+OPTIMIZER_FLAGS = {
+    "optimizerEncM": ("netEncM", "lrM", "wdecay"),
+    "optimizerGenX": ("netGenX", "lrG", None),
+    "optimizerDX": ("netDX", "lrD", None),
+    "optimizerRecZ": ("netRecZ", "lrZ", None),
+}
+
+
 def make_optimizers(nets, opt, fused=True):
     """Adam with betas (0, 0.9) for each net; weight decay on the mask extractor only.
     Fused: one kernel per step instead of several per parameter (the same formula); the
     original's is unfused (fused=False)."""
-    adam = functools.partial(torch.optim.Adam, betas=(0.0, 0.9), fused=fused)
-    optimizers = {
-        "optimizerEncM": adam(nets.netEncM.parameters(), lr=opt.lrM, weight_decay=opt.wdecay),
-        "optimizerGenX": adam(nets.netGenX.parameters(), lr=opt.lrG),
-        "optimizerDX": adam(nets.netDX.parameters(), lr=opt.lrD),
-    }
-    if nets.netRecZ is not None:
-        optimizers["optimizerRecZ"] = adam(nets.netRecZ.parameters(), lr=opt.lrZ)
+    optimizers = {}
+    for name, (net, lr, wdecay) in OPTIMIZER_FLAGS.items():
+        if getattr(nets, net) is not None:
+            optimizers[name] = torch.optim.Adam(getattr(nets, net).parameters(), betas=(0.0, 0.9), fused=fused,
+                                                lr=getattr(opt, lr), weight_decay=getattr(opt, wdecay) if wdecay else 0)
     return optimizers
 
 
 def load_optimizer_state(optimizer, state):
     """Load an Adam state saved by any implementation (the original's, which loops over
-    parameters) into our fused Adam, which keeps its own settings (a saved state's would
-    replace them)."""
+    parameters) into our fused Adam. The saved learning rate and weight decay replace the
+    optimizer's, as torch's load_state_dict does in the original."""
     if len(state["param_groups"]) != len(optimizer.param_groups):
         raise ValueError("the saved optimizer state has %d parameter groups, not %d"
                          % (len(state["param_groups"]), len(optimizer.param_groups)))
     groups = [dict(saved, fused=ours["fused"], foreach=ours["foreach"])
               for saved, ours in zip(state["param_groups"], optimizer.param_groups)]
     optimizer.load_state_dict(dict(state, param_groups=groups))
+
+
+def overridden_flags(name, state, opt):
+    """The flags of optimizer `name` whose value on the command line differs from the one
+    saved in its state (which is used): ["--lrM 2e-05 (saved: 0.0001)", ...]."""
+    _, lr, wdecay = OPTIMIZER_FLAGS[name]
+    saved = state["param_groups"][0]
+    return ["--%s %s (saved: %s)" % (flag, getattr(opt, flag), saved[key])
+            for flag, key in ((lr, "lr"), (wdecay, "weight_decay"))
+            if flag and getattr(opt, flag) != saved[key]]
 
 
 class RealAndFake(torch.nn.Module):
@@ -596,8 +612,13 @@ class TrainingRun:
         check_same_networks(state["options"], self.opt, path)
         for name, net in self.nets.items():
             net.load_state_dict(state[name])
+        overridden = []
         for name, optimizer in self.optimizers.items():
+            overridden += overridden_flags(name, state[name], self.opt)
             load_optimizer_state(optimizer, state[name])
+        if overridden:
+            print("warning: %s: its optimizers keep their saved settings, as in the original; ignoring %s"
+                  % (path, ", ".join(overridden)), file=sys.stderr)
 
     def train_one_iteration(self):
         opt = self.opt

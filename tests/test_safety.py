@@ -209,6 +209,16 @@ def test_checkpoint_of_another_configuration_names_the_difference(small_run, min
     assert "state_00002.pth: saved for another configuration: nfX=4 (this run: 8), useSelfAttD=False (this run: True)" in line
 
 
+def test_iteration_warns_that_the_saved_learning_rates_are_kept(small_run, minidata_root, tmp_path):
+    outf = tmp_path / "out"
+    shutil.copytree(small_run, outf)
+    result = run_script("train.py", "--dataroot", minidata_root / "flowers", "--outf", outf, "--iteration", 2,
+                        "--nIteration", 2, *SMALL_RUN, "--lrM", 2e-5, "--lrD", 3e-4, cwd=tmp_path)
+    warning = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warning == ["warning: %s: its optimizers keep their saved settings, as in the original; ignoring "
+                       "--lrM 2e-05 (saved: 1e-05), --lrD 0.0003 (saved: 0.0001)" % (outf / "state_00002.pth")]
+
+
 def test_resume_with_nothing_to_resume(tmp_path):
     result = run_process("train.py", "--resume", "--outf", tmp_path, *SMALL_RUN, cwd=tmp_path, check=False)
     assert "--resume: no checkpoint to resume in --outf %s" % tmp_path in one_line_error(result)
