@@ -194,7 +194,8 @@ def evaluate(netEncM, loader, device):
 
 def atomic_write(path, write):
     """Write a file so that it is either complete or absent/unchanged: write(f) fills a
-    temporary file in the same folder, which is flushed to disk and then renamed over path."""
+    temporary file in the same folder, which is flushed to disk and then renamed over path.
+    A failure of the file system (a full disk) is a UserError naming the file."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, ".%s.tmp%d" % (os.path.basename(path), os.getpid()))
     try:
@@ -203,9 +204,23 @@ def atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except Exception as e:
+        cause = os_error_behind(e)
+        if cause is None:
+            raise
+        raise UserError("%s: cannot write it (%s); the files already there are unchanged"
+                        % (path, cause.strerror or cause)) from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def os_error_behind(error):
+    """The OSError that caused `error`, if any: torch.save reports a full disk as a
+    RuntimeError raised while handling the OSError."""
+    while error is not None and not isinstance(error, OSError):
+        error = error.__context__
+    return error
 
 
 def atomic_save(obj, path):

@@ -1,4 +1,5 @@
 """Crash safety, exact resume, and one clear line for every kind of bad input."""
+import errno
 import io
 import os
 import random
@@ -122,6 +123,24 @@ def test_failed_save_leaves_the_previous_file_intact(tmp_path):
     before = path.read_bytes()
     with pytest.raises(Exception):
         utils.atomic_save({"a": lambda: None}, path)  # cannot be pickled: fails mid-write
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["state_00002.pth"]
+
+
+def test_full_disk_is_a_clear_error_and_leaves_the_previous_file_intact(tmp_path):
+    path = tmp_path / "state_00002.pth"
+    utils.atomic_save({"a": torch.ones(3)}, path)
+    before = path.read_bytes()
+
+    def fill_the_disk(f):  # as torch.save reports it: a RuntimeError while handling the OSError
+        f.write(b"partial")
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+
+    with pytest.raises(utils.UserError, match="state_00002.pth: cannot write it \\(No space left on device\\)"):
+        utils.atomic_write(path, fill_the_disk)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["state_00002.pth"]
 
