@@ -616,7 +616,7 @@ class TrainingRun:
         for name, optimizer in self.optimizers.items():
             overridden += overridden_flags(name, state[name], self.opt)
             load_optimizer_state(optimizer, state[name])
-        if overridden:
+        if overridden and self.dist.is_main:
             print("warning: %s: its optimizers keep their saved settings, as in the original; ignoring %s"
                   % (path, ", ".join(overridden)), file=sys.stderr)
 
