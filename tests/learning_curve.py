@@ -15,8 +15,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = ["--dataset", "synthetic", "--nf", "8", "--nfM", "32", "--batchSize", "8", "--lrM", "1e-4",
-              "--autoRestart", ".05", "--checkpointFreq", "250", "--cacheData", "--workers", "1",
-              "--nIteration", "100000", "--manualSeed", "1", "--silent"]
+              "--dStepFreq", "2", "--autoRestart", ".05", "--checkpointFreq", "100", "--clean", "--cacheData",
+              "--workers", "1", "--nIteration", "100000", "--manualSeed", "1", "--silent"]
 
 
 def main():
@@ -47,9 +47,13 @@ def main():
                           flush=True)
                 seen = len(lines)
     finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        failed = process.poll() not in (None, 0)
+        if process.poll() is None:  # once ended and waited for, its group is gone
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
     print("# best validation IoU %.4f within %.1f minutes" % (best, (time.time() - start) / 60))
+    if failed:
+        sys.exit("train.py failed (exit status %d): its output is above" % process.returncode)
 
 
 if __name__ == "__main__":
