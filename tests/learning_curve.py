@@ -47,12 +47,12 @@ def main():
                           flush=True)
                 seen = len(lines)
     finally:
-        failed = process.poll() not in (None, 0)
-        if process.poll() is None:  # once ended and waited for, its group is gone
+        exit_status = process.poll()  # None: still running
+        if exit_status is None:  # (once ended and waited for, its group is gone)
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
     print("# best validation IoU %.4f within %.1f minutes" % (best, (time.time() - start) / 60))
-    if failed:
+    if exit_status not in (None, 0):
         sys.exit("train.py failed (exit status %d): its output is above" % process.returncode)
 
 
