@@ -10,7 +10,7 @@ import torch
 import models
 import train
 import utils
-from conftest import fixture_path
+from conftest import fixture_path, is_free_bias
 
 NET_NAMES = ("netEncM", "netGenX", "netDX", "netRecZ")
 
@@ -31,7 +31,7 @@ def assert_weights_close(state, reference, name):
     assert (diffs > 1e-5).float().mean() <= 1e-3, (name, (diffs > 1e-5).float().mean().item())
 
 
-def test_two_training_iterations_reproduce_the_original(vectors, fixture_options):
+def test_two_training_iterations_reproduce_the_original(vectors, fixture_options, threads):
     nets = nets_from_states(fixture_options, vectors["init_nets"])
     optimizers = train.make_optimizers(nets, fixture_options)
     for iteration, step in enumerate(vectors["steps"]):
@@ -75,7 +75,7 @@ def test_adam_state_saved_by_the_original_resumes_in_our_fused_adam(fixture_opti
         torch.testing.assert_close(got.detach(), want, rtol=1e-6, atol=1e-7)
 
 
-def test_eval_outputs_of_the_final_nets(vectors, fixture_options):
+def test_eval_outputs_of_the_final_nets(vectors, fixture_options, threads):
     nets = nets_from_states(fixture_options, vectors["final_nets"])
     nets.eval()
     x, z = vectors["eval_x"], vectors["eval_z"]
@@ -225,8 +225,29 @@ def assert_stats_close(stats, reference, what, rel, abs_):
         assert got_abs == pytest.approx(ref_abs, rel=rel, abs=abs_), (what, key)
 
 
+def assert_changes_close(init, final, reference, what, useSelfAttG):
+    """What three iterations changed in each tensor (the change of its sum and of its sum
+    of absolute values) against the same for the original. Measured on an AMD EPYC (AVX2),
+    1 and 2 threads, per element: at most 1.6e-6 apart for parameters, 7.5e-5 for the
+    spectral-norm vectors u and v of 4 to 64 elements (power iterations amplify rounding);
+    bounds twice that. netGenX's free biases (conftest.is_free_bias) drift freely."""
+    compared, moved = 0, 0
+    for key, (size, ref_init, ref_final) in reference.items():
+        if what == "netGenX" and is_free_bias(key, useSelfAttG):
+            continue
+        bound = size * (1.5e-4 if key.endswith(("weight_u", "weight_v")) else 3.2e-6)
+        for k in range(2):  # sum, sum of absolute values
+            ours, theirs = final[key][k] - init[key][k], ref_final[k] - ref_init[k]
+            assert ours == pytest.approx(theirs, rel=0, abs=bound), (what, key, ["sum", "abs sum"][k])
+            compared += 1
+            moved += abs(theirs) > bound
+    # the comparison tells trained weights from initial ones for many tensors (at the mask
+    # extractor's lr 1e-5, three steps move about half of them beyond the bound)
+    assert moved >= compared / 3, (what, moved, compared)
+
+
 @pytest.mark.parametrize("record", ORIGINAL_CONFIGS, ids=[json.dumps(r["config"]) for r in ORIGINAL_CONFIGS])
-def test_other_configurations_match_the_original(record, fixture_options):
+def test_other_configurations_match_the_original(record, fixture_options, threads):
     """Seeded init, three training iterations and eval outputs for configurations other than
     the fixture's (more regions, self-attention off, per-net nf, temperature, gain, wrecZ,
     step frequencies), against summaries recorded from the original (fixtures/README.md).
@@ -240,8 +261,11 @@ def test_other_configurations_match_the_original(record, fixture_options):
     torch.manual_seed(record["seed"])
     nets = models.build_nets(opt)
     assert [name for name, _ in nets.items()] == list(record["init"])
-    for name, net in nets.items():
-        assert_stats_close(state_stats(net.state_dict()), record["init"][name], name, rel=1e-6, abs_=1e-6)
+    init = {name: state_stats(net.state_dict()) for name, net in nets.items()}
+    # The orthogonal init's QR factorisation rounds with the thread count: measured on an AMD
+    # EPYC (AVX2), the recording's sums exactly with 2 threads, within 5e-6 with 1; bound twice that.
+    for name in init:
+        assert_stats_close(init[name], record["init"][name], name, rel=1e-5, abs_=1e-5)
     nets.to(torch.float64)
     optimizers = train.make_optimizers(nets, opt)
     for _, net in nets.items():
@@ -263,17 +287,22 @@ def test_other_configurations_match_the_original(record, fixture_options):
     with torch.no_grad():
         m = nets.netEncM(x)
         gen = nets.netGenX(m, z)
-        got = {"netEncM": [m.double().sum().item(), (m.double() ** 2).sum().item()],
+        # the masks' sum is the pixel count whatever the weights (softmax): their squares tell
+        got = {"netEncM": [(m.double() ** 2).sum().item()],
                "netGenX": [gen.double().sum().item(), (gen.double() ** 2).sum().item()],
                "netDX": nets.netDX(x).flatten().tolist()}
         if nets.netRecZ is not None:
             zr = nets.netRecZ(x).double()
             got["netRecZ"] = [zr.sum().item(), (zr ** 2).sum().item()]
-    assert sorted(got) == sorted(record["eval"])
-    for name, values in record["eval"].items():
+    expected = dict(record["eval"], netEncM=record["eval"]["netEncM"][1:])
+    assert sorted(got) == sorted(expected)
+    for name, values in expected.items():
         assert got[name] == pytest.approx(values, rel=1e-3, abs=1e-3), name
     for name, net in nets.items():
-        assert_stats_close(state_stats(net.state_dict()), record["final"][name], name, rel=1e-3, abs_=1e-3)
+        reference = {key: (net.state_dict()[key].numel(), record["init"][name][key], record["final"][name][key])
+                     for key in record["final"][name]}
+        assert list(reference) == list(net.state_dict()), name
+        assert_changes_close(init[name], state_stats(net.state_dict()), reference, name, opt.useSelfAttG)
 
 
 def test_skip_ortho_init_sn_leaves_spectral_norm_layers_at_default_init_and_draws_the_same_numbers(fixture_options):
