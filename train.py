@@ -518,7 +518,10 @@ def truncate_lines(path, n):
 
 # ----------------------------------------------------------------------------- the training program
 
-def compile_nets(nets, backend="inductor"):
+COMPILE_BACKEND = "inductor"  # torch.compile's default, which generates code
+
+
+def compile_nets(nets, backend=COMPILE_BACKEND):
     """--compile: torch.compile on each net, in place, so that the checkpoints keep their keys."""
     for _, net in nets.items():
         net.compile(backend=backend)
@@ -600,7 +603,7 @@ class TrainingRun:
         """The nets, compiled with --compile (in place: the checkpoints keep their keys)."""
         nets = models.build_nets(self.opt, self.device, netRecZ=netRecZ)
         if getattr(self.opt, "compile", False):
-            compile_nets(nets)
+            compile_nets(nets, COMPILE_BACKEND)
         return nets
 
     def autocast(self):

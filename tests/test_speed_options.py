@@ -11,7 +11,7 @@ import torch
 import models
 import train
 import utils
-from conftest import ROOT, SMALL_RUN, run_script
+from conftest import ROOT, SMALL_RUN, is_free_bias, run_script
 
 
 @pytest.mark.parametrize("n_queries", [1024, 1100])  # a whole number of blocks, and not
@@ -91,17 +91,26 @@ def losses_of_iterations(precision, compile_backend=None, iterations=3):
     return history, nets
 
 
-def test_bf16_iterations_stay_close_to_fp32():
+def test_bf16_iterations_stay_close_to_fp32(threads):
     fp32, nets32 = losses_of_iterations("fp32")
     bf16, nets16 = losses_of_iterations("bf16")
     for a, b in zip(fp32, bf16):
         for key in a:
             assert b[key] == pytest.approx(a[key], rel=0.03, abs=0.05), key
-    # the weights stay fp32, within three Adam steps of fp32's (lr 1e-4, at most 1.65 lr a step)
-    for (name, n32), (_, n16) in zip(nets32.items(), nets16.items()):
-        for (key, t32), (_, t16) in zip(n32.named_parameters(), n16.named_parameters()):
-            assert t16.dtype == torch.float32
-            assert (t16 - t32).abs().max() <= 2 * 1e-4 * (1 + 1.38 + 1.65), (name, key)
+    # The weights stay fp32 and bf16's three updates point where fp32's do: the gap between
+    # the two updates relative to fp32's (about 1.4 for unrelated updates). Measured on an
+    # AMD EPYC (AVX2), 1 and 2 threads: 0.25 (netEncM), 0.39 (netGenX, its free biases
+    # aside), 0.048 (netDX), 0.041 (netRecZ). Bounds: twice that.
+    torch.manual_seed(0)
+    initial = models.build_nets(small_options())
+    bounds = {"netEncM": 0.5, "netGenX": 0.8, "netDX": 0.1, "netRecZ": 0.1}
+    for (name, n32), (_, n16), (_, n0) in zip(nets32.items(), nets16.items(), initial.items()):
+        assert all(t.dtype == torch.float32 for t in n16.parameters()), name
+        keys = [k for k, _ in n0.named_parameters() if not (name == "netGenX" and is_free_bias(k, selfAttG=True))]
+        p32, p16, p0 = (dict(net.named_parameters()) for net in (n32, n16, n0))
+        update32 = torch.cat([(p32[k] - p0[k]).flatten() for k in keys])
+        update16 = torch.cat([(p16[k] - p0[k]).flatten() for k in keys])
+        assert (update16 - update32).norm() <= bounds[name] * update32.norm(), name
 
 
 @pytest.mark.parametrize("calls", [1, 2])
@@ -109,12 +118,13 @@ def test_compiled_spectral_norm_has_the_eager_gradient(calls):
     """Called once, or twice before the backward as the discriminator on real then fake
     images. With 4 output channels, torch 2.14's compiled backward recomputes v from the
     buffer u rather than keeping v: with u updated in place, one call gave a wrong gradient
-    and two calls an error (README, --compile)."""
+    and two calls an error (README, --compile). The partition where that happens runs
+    without generating code (aot_eager_decomp_partition: no C++ compiler needed)."""
     torch.manual_seed(0)
     eager = models.SNConv2d(3, 4, 3, 1, 1)
     compiled = models.SNConv2d(3, 4, 3, 1, 1)
     compiled.load_state_dict(eager.state_dict())
-    compiled.compile()
+    compiled.compile(backend="aot_eager_decomp_partition")
     x = torch.randn(2, 3, 8, 8)
     for conv in (eager, compiled):
         sum(conv(x * (i + 1)).square().sum() for i in range(calls)).backward()
@@ -151,12 +161,62 @@ def test_cached_data_gives_the_same_run(minidata_root, tmp_path):
     assert (tmp_path / "disk" / "val.dat").read_text() == (tmp_path / "cached" / "val.dat").read_text()
 
 
-def test_amp_flag_trains_and_is_saved(minidata_root, tmp_path):
+def spy_on_iterations(monkeypatch):
+    """Record, for each training iteration train.py runs, the dtype in which netGenX drew
+    its regions and netDX scored, and whether its nets were compiled."""
+    seen = []
+    iterate = train.training_iteration
+
+    def spied(nets, *args, **kwargs):
+        dtypes = {}
+
+        def record(name):
+            def hook(module, inputs, output):
+                dtypes.setdefault(name, output.dtype)
+            return hook
+
+        hooks = [getattr(nets, name).register_forward_hook(record(name)) for name in ("netGenX", "netDX")]
+        try:
+            losses = iterate(nets, *args, **kwargs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        seen.append({"dtypes": dtypes, "compiled": [net._compiled_call_impl is not None for _, net in nets.items()]})
+        return losses
+
+    monkeypatch.setattr(train, "training_iteration", spied)
+    return seen
+
+
+@pytest.mark.parametrize("amp, dtype", [("none", torch.float32), ("bf16", torch.bfloat16)])
+def test_amp_flag_trains_in_bf16_and_is_saved(amp, dtype, minidata_root, tmp_path, monkeypatch):
+    seen = spy_on_iterations(monkeypatch)
     run_script("train.py", "--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--outf", tmp_path,
-               "--nIteration", 1, "--checkpointFreq", 2, "--amp", "bf16", *SMALL_RUN, cwd=tmp_path)
+               "--nIteration", 1, "--checkpointFreq", 2, "--amp", amp, *SMALL_RUN, cwd=tmp_path)
+    assert [s["dtypes"] for s in seen] == [{"netGenX": dtype, "netDX": dtype}] * 2
     state = utils.load_checkpoint(tmp_path / "state_00002.pth")
-    assert state["options"].amp == "bf16"
+    assert state["options"].amp == amp
     assert all(t.dtype == torch.float32 for t in state["netGenX"].values())
+
+
+def test_compile_flag_compiles_the_nets_and_saves_plain_checkpoints(minidata_root, tmp_path, monkeypatch):
+    """train.py --compile, with torch.compile's graph capture but no code generation (the
+    'eager' backend): every net compiled, the run as the uncompiled one, the original's keys."""
+    monkeypatch.setattr(train, "COMPILE_BACKEND", "eager")
+    seen = spy_on_iterations(monkeypatch)
+    args = ["--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--nIteration", 1,
+            "--checkpointFreq", 2, "--manualSeed", 3, *SMALL_RUN]
+    run_script("train.py", *args, "--outf", tmp_path / "compiled", "--compile", cwd=tmp_path)
+    assert [s["compiled"] for s in seen] == [[True] * 4] * 2
+    run_script("train.py", *args, "--outf", tmp_path / "eager", cwd=tmp_path)
+    assert [s["compiled"] for s in seen[2:]] == [[False] * 4] * 2
+    compiled = utils.load_checkpoint(tmp_path / "compiled" / "state_00002.pth")
+    eager = utils.load_checkpoint(tmp_path / "eager" / "state_00002.pth")
+    assert compiled["options"].compile
+    for name in ("netEncM", "netGenX", "netDX", "netRecZ"):
+        assert list(compiled[name]) == list(eager[name]), name  # no _orig_mod. prefix
+        for key in eager[name]:
+            torch.testing.assert_close(compiled[name][key], eager[name][key], rtol=0, atol=1e-6)
 
 
 PAGE_FAULTS_OF_ITERATIONS = """
