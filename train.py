@@ -490,10 +490,14 @@ def check_same_networks(saved, opt, path):
         raise UserError("%s: saved for another configuration: %s" % (path, ", ".join(differences)))
 
 
+def checkpoint_files(outf):
+    """The state_*.pth files of outf: what --resume chooses from (never a temporary file)."""
+    return glob.glob(os.path.join(glob.escape(outf), "state_[0-9]*.pth"))
+
+
 def latest_checkpoint(outf, device):
     """(path, state) of the newest state_*.pth in outf that loads; incomplete ones are skipped."""
-    paths = glob.glob(os.path.join(glob.escape(outf), "state_[0-9]*.pth"))
-    for path in sorted(paths, key=lambda p: (os.path.getmtime(p), p), reverse=True):
+    for path in sorted(checkpoint_files(outf), key=lambda p: (os.path.getmtime(p), p), reverse=True):
         try:
             return path, utils.load_checkpoint(path, device)
         except UserError as e:

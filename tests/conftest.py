@@ -62,11 +62,14 @@ def _working_directory(path):  # contextlib.chdir, from Python 3.11 on
         os.chdir(before)
 
 
+PROCESS_ENV = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+"""The environment of the scripts' processes: the same thread count in every one of them."""
+
+
 def run_process(script, *args, cwd, check=True, timeout=600):
     """Run one of the project's scripts in a new Python process, from another working directory."""
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     result = subprocess.run([sys.executable, os.path.join(ROOT, script)] + [str(a) for a in args], cwd=cwd,
-                            capture_output=True, text=True, timeout=timeout, env=env)
+                            capture_output=True, text=True, timeout=timeout, env=PROCESS_ENV)
     return _checked(result, check)
 
 
