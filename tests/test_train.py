@@ -1,5 +1,7 @@
 """train.py end to end on miniature datasets in each dataset's exact on-disk format."""
 import argparse
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -10,6 +12,8 @@ import torch
 from PIL import Image
 
 import datasets
+import models
+import train
 import utils
 from conftest import SMALL_RUN, assert_weights_retrace, fixture_path, original_run_flowers, run_process, run_script
 
@@ -143,17 +147,23 @@ def test_collapse_needs_a_small_region_on_train_and_val(train_size, val_size, th
     assert utils.has_collapsed([train_size, val_size], threshold) == collapsed
 
 
-def test_auto_restart_after_a_forced_collapse(minidata_root, tmp_path):
-    outf = tmp_path / "out"
+def collapsed_checkpoint(minidata_root, outf, iterations):
+    """A short run's checkpoint whose mask extractor gives region 0 the whole image (the
+    sigmoid of a huge bias), saved as state_N.pth for each N of iterations."""
     common = ["--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--outf", outf,
               "--checkpointFreq", 2, "--manualSeed", 5] + SMALL_RUN
-    run_script("train.py", *common, "--nIteration", 1, cwd=tmp_path)
-    # make region 0 take the whole image: the sigmoid of a huge bias
+    run_script("train.py", *common, "--nIteration", 1, cwd=outf.parent)
     state = utils.load_checkpoint(outf / "state_00002.pth")
     state["netEncM"]["out.mods.9.bias"].fill_(100.0)
-    torch.save(state, outf / "state_00002.pth")
-    collapsed = state["netEncM"]["out.mods.9.weight"].clone()
+    for iteration in iterations:
+        torch.save(state, outf / ("state_%05d.pth" % iteration))
     common.remove("--silent")
+    return common, state
+
+
+def test_auto_restart_after_a_forced_collapse(minidata_root, tmp_path):
+    outf = tmp_path / "out"
+    common, state = collapsed_checkpoint(minidata_root, outf, [2])
     result = run_script("train.py", *common, "--iteration", 2, "--nIteration", 3, "--autoRestart", 0.1,
                         cwd=tmp_path)
     assert "Training appear to have collapsed.\nReinitializing training." in result.stdout
@@ -161,7 +171,59 @@ def test_auto_restart_after_a_forced_collapse(minidata_root, tmp_path):
     assert [row[0] for row in read_dat(outf / "val.dat")] == [2, 4, 2, 4]
     restarted = utils.load_checkpoint(outf / "state_00004.pth")
     assert restarted["netEncM"]["out.mods.9.bias"].abs().max() < 1
-    assert not torch.equal(restarted["netEncM"]["out.mods.9.weight"], collapsed)
+    assert not torch.equal(restarted["netEncM"]["out.mods.9.weight"], state["netEncM"]["out.mods.9.weight"])
+
+
+@pytest.mark.parametrize("iteration, restarts", [(7000, True), (7002, False)])
+def test_auto_restart_only_up_to_iteration_7000(iteration, restarts, minidata_root, tmp_path):
+    """A collapse found at a checkpoint of iteration 7000 or less restarts from iteration 0;
+    later, the run is only told, saves and goes on, as in the original."""
+    outf = tmp_path / "out"
+    common, state = collapsed_checkpoint(minidata_root, outf, [])
+    argv = [str(a) for a in common] + ["--autoRestart", "0.1"]
+    opt, _ = train.resolve_options(train.make_parser().parse_args(argv), train.explicit_flags(argv))
+    run = train.TrainingRun(opt, (str(outf / "state_00002.pth"), state))
+    opt.iteration = iteration
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        run.checkpoint()
+    assert "Training appear to have collapsed." in output.getvalue()
+    assert ("Reinitializing training." in output.getvalue()) == restarts
+    assert opt.iteration == (0 if restarts else iteration)
+    assert (outf / ("state_%05d.pth" % iteration)).exists() != restarts
+
+
+def test_restart_draws_fresh_nets_in_the_original_order_and_reinitialises_netRecZ(minidata_root, tmp_path):
+    """The original's collapse branch: new mask extractor, generators and discriminator are
+    created, then each is initialised; then the existing noise reconstructor's layers are
+    re-initialised in place (all of its weights: see README, differences), drawing after them."""
+    argv = ["--dataset", "flowers", "--dataroot", str(minidata_root / "flowers"), "--outf", str(tmp_path),
+            "--manualSeed", "5"] + SMALL_RUN
+    opt, _ = train.resolve_options(train.make_parser().parse_args(argv), train.explicit_flags(argv))
+    run = train.TrainingRun(opt)
+    for _ in range(2):
+        run.train_one_iteration()
+    trained = {key: value.clone() for key, value in run.nets.netRecZ.state_dict().items()}
+    rng = torch.get_rng_state()
+    run.restart()
+    assert opt.iteration == 0
+
+    netRecZ = models.build_net("netRecZ", opt)  # the trained one, copied before drawing
+    netRecZ.load_state_dict(trained)
+    torch.set_rng_state(rng)
+    expected = {name: models.build_net(name, opt) for name in ("netEncM", "netGenX", "netDX")}
+    for net in expected.values():
+        models.init_weights_orthogonal(net, opt.initOrthoGain)
+    expected["netRecZ"] = models.init_weights_orthogonal(netRecZ, opt.initOrthoGain)
+    for name, net in expected.items():
+        ours = getattr(run.nets, name).state_dict()
+        for key, value in net.state_dict().items():
+            assert torch.equal(ours[key], value), (name, key)
+    weights = [key for key in trained if key.endswith(("weight_orig", "dense.weight"))]
+    assert len(weights) > 1 and all(not torch.equal(trained[key], expected["netRecZ"].state_dict()[key])
+                                    for key in weights)
+    assert all(state["step"].item() == 0 for optimizer in run.optimizers.values()
+               for state in optimizer.state.values())  # fresh optimizers
 
 
 @pytest.mark.parametrize("flags, message", [
