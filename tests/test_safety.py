@@ -97,6 +97,24 @@ def test_resume_restores_streams_rng_and_sample_grid(minidata_root, tmp_path):
         assert (outf_parts / name).read_bytes() == (outf_whole / name).read_bytes()
 
 
+def test_resume_names_the_flags_it_ignores_and_drops_lines_written_after_its_checkpoint(minidata_root, tmp_path):
+    """A run stopped after scoring iteration 6 but before its checkpoint was saved: the
+    resumed run continues from iteration 4, and its .dat files end as an uninterrupted run's."""
+    data = ["--dataroot", minidata_root / "flowers"]
+    run_script("train.py", *SEEDED_RUN, *data, "--nIteration", 5, "--outf", tmp_path / "whole", cwd=tmp_path)
+    outf = tmp_path / "parts"
+    run_script("train.py", *SEEDED_RUN, *data, "--nIteration", 3, "--outf", outf, cwd=tmp_path)
+    for name in ("train.dat", "val.dat"):
+        with open(outf / name, "a") as f:
+            f.write("6 0.5 0.25\n")  # scored, then stopped before state_00006.pth was written
+    result = run_script("train.py", "--resume", "--nIteration", 5, "--outf", outf, "--silent", "--lrM", 0.5, "--nf", 8,
+                        cwd=tmp_path)
+    assert result.stderr.splitlines() == ["--resume: continuing with the run's saved options; ignoring --lrM, --nf"]
+    for name in ("train.dat", "val.dat"):
+        assert (outf / name).read_text() == (tmp_path / "whole" / name).read_text(), name
+    assert utils.load_checkpoint(outf / "state_00006.pth")["options"].lrM == 1e-5
+
+
 def test_resume_skips_an_incomplete_newest_checkpoint(minidata_root, tmp_path):
     outf = tmp_path / "out"
     run_script("train.py", *SEEDED_RUN, "--dataroot", minidata_root / "flowers", "--nIteration", 3, "--outf", outf,
