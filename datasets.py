@@ -5,6 +5,7 @@ Every item is (image, mask): the image (3, sizex, sizex) in [-1, 1], the mask
 (1, sizex, sizex) with 1 on the object. Images and masks are resized (shorter side to
 sizex, nearest neighbour) and centre-cropped, as in the original.
 """
+import functools
 import os
 import random
 
@@ -409,3 +410,95 @@ class InMemoryDataset(torch.utils.data.Dataset):
     def __getitem__(self, idx):
         # the same float operations as ToTensor and the datasets' `* 2 - 1`: identical values
         return self.images[idx].float().div(255) * 2 - 1, self.masks[idx].float()
+
+
+# ----------------------------------------------------------------------------- batches for training
+
+def make_loader(dataset, batch_size, workers):
+    """Shuffled batches, the last incomplete one dropped, as every loader of the original."""
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
+                                       drop_last=True)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """torch's RandomSampler (same random draws: a seed from the global generator at the
+    start of each epoch, then a permutation), which remembers the epoch's seed and can
+    start an epoch part-way through, so that training resumes mid-epoch exactly."""
+
+    def __init__(self, size):
+        self.size = size
+        self.seed = None
+        self._resume_at = None
+
+    def resume(self, seed, skip):
+        self._resume_at = (seed, skip)
+
+    def __iter__(self):
+        if self._resume_at is not None:
+            self.seed, skip = self._resume_at
+            self._resume_at = None
+        else:
+            self.seed, skip = int(torch.empty((), dtype=torch.int64).random_().item()), 0
+        generator = torch.Generator()
+        generator.manual_seed(self.seed)
+        yield from torch.randperm(self.size, generator=generator).tolist()[skip:]
+
+    def __len__(self):
+        return self.size
+
+
+class ShardedBatchSampler(torch.utils.data.Sampler):
+    """Batches of batch_size indices from sampler, the incomplete last one dropped; under
+    torchrun each rank takes its own slice of every batch (batch_size is the global batch)."""
+
+    def __init__(self, sampler, batch_size, rank=0, world=1):
+        self.sampler, self.batch_size, self.rank, self.world = sampler, batch_size, rank, world
+
+    def __iter__(self):
+        share = self.batch_size // self.world
+        batch = []
+        for index in self.sampler:
+            batch.append(index)
+            if len(batch) == self.batch_size:
+                yield batch[self.rank * share:(self.rank + 1) * share]
+                batch = []
+
+    def __len__(self):
+        return len(self.sampler) // self.batch_size
+
+
+class BatchStream:
+    """Endless shuffled batches of a dataset, a new epoch whenever one ends, resumable."""
+
+    def __init__(self, dataset, batch_size, workers, state=None, rank=0, world=1):
+        self.sampler = EpochSampler(len(dataset))
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=ShardedBatchSampler(self.sampler, batch_size, rank, world), num_workers=workers,
+            worker_init_fn=functools.partial(seed_worker_for_rank, rank=rank) if world > 1 else None)
+        self.consumed = 0  # batches of the current epoch
+        if state is not None:
+            self.sampler.resume(state["epoch_seed"], state["batches_consumed"] * batch_size)
+            self.consumed = state["batches_consumed"]
+        self.batches = iter(self.loader)
+
+    def __next__(self):
+        try:
+            batch = next(self.batches)
+        except StopIteration:
+            self.batches = iter(self.loader)
+            self.consumed = 0
+            batch = next(self.batches)
+        self.consumed += 1
+        return batch
+
+    def state_dict(self):
+        return {"epoch_seed": self.sampler.seed, "batches_consumed": self.consumed}
+
+
+def seed_worker_for_rank(worker_id, rank):
+    """Under torchrun, loader workers of different ranks draw different random numbers (a
+    dataset that draws its images, such as cmnist, must not give every rank the same)."""
+    seed = (torch.initial_seed() + 1000003 * rank) % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

@@ -7,10 +7,13 @@
     python example_load_pretrained.py --statePathM flowers_netM_state.tar.gz --dataroot DATA --score --split test
     # a run of --dataset synthetic needs no --dataroot
     python example_load_pretrained.py --statePath out/best.pth --score --split test
-    # masks of your own images, at their own size
+    # masks of your own images, at their own size (only the masks are written)
     python example_load_pretrained.py --statePathM flowers_netM_state.tar.gz --images photos/ --outdir masks/
+    # scores on a labelled folder of your own (masks: MASKS/<same path>.png, white on the object)
+    python example_load_pretrained.py --statePath out/best.pth --dataset folder --dataroot photos --maskroot masks --score --split val
 """
 import argparse
+import math
 import os
 import sys
 
@@ -31,7 +34,8 @@ NETWORK_OPTIONS = ("sizex", "nx", "nz", "nMasks")  # what nets from different fi
 
 
 def make_parser():
-    p = argparse.ArgumentParser(description="Segment and redraw with pretrained ReDO weights.")
+    p = argparse.ArgumentParser(description="Segment and redraw with pretrained ReDO weights.",
+                                formatter_class=utils.HelpFormatter)
     p.add_argument('--batch_size', type=int, default=40, help='number of images per batch (and in out.png)')
     p.add_argument('--device', default=None, help='cpu | cuda | cuda:N (default: cuda if available, else cpu)')
     p.add_argument('--statePath', default=None, help='weights of all nets in one file (.pth or .tar.gz)')
@@ -42,6 +46,8 @@ def make_parser():
     p.add_argument('--dataroot', default=None,
                    help='path to the dataset the weights were trained on (none for synthetic)')
     p.add_argument('--dataset', default=None, help="dataset at --dataroot (default: the checkpoint's)")
+    p.add_argument('--maskroot', default=None,
+                   help='--dataset folder: folder of ground-truth masks, to --score your own labelled images')
     p.add_argument('--split', default=None, choices=datasets.SPLITS,
                    help='split to draw images from (default as the original: test for lfw, train otherwise)')
     p.add_argument('--out', default='out.png', help='where to write the sample grid')
@@ -97,7 +103,7 @@ def require(nets, name, purpose):
 
 def dataset_split(name, args, opt):
     split = args.split or ("test" if name == "lfw" else "train")
-    return datasets.make_dataset(name, args.dataroot, split, opt.sizex), split
+    return datasets.make_dataset(name, args.dataroot, split, opt.sizex, args.maskroot), split
 
 
 @torch.no_grad()
@@ -164,7 +170,7 @@ def segment_own_images(nets, opt, args, device):
                 images.append((datasets.open_image(path, "RGB"), name))
             except UserError as e:
                 skipped.append(str(e))
-                print("skipped: %s" % e, file=sys.stderr)
+                utils.warn("skipped: %s" % e)
         if not images:
             continue
         x = torch.stack([to_network_input(image, opt.sizex) for image, _ in images]).to(device)
@@ -205,11 +211,12 @@ def run(args):
     require(nets, "netEncM", "segmenting")
     if not 0 <= args.region < opt.nMasks:
         raise UserError("--region %d: these weights have regions 0 to %d" % (args.region, opt.nMasks - 1))
-    if use_dataset:
+    if use_dataset and (args.score or not args.images):
         dataset, split = dataset_split(dataset_name, args, opt)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True)
         if len(dataset) == 0:
             raise UserError("--dataroot %s: the %s split of %s is empty" % (args.dataroot, split, dataset_name))
+    if use_dataset and not args.images:  # with --images, only their masks are written
+        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True)
         columns = save_sample_grid(nets, loader, opt, device, args.out)
         print("wrote %s: %d images of the %s split of %s, %d columns (input, ground truth, soft mask, "
               "binarized mask%s)" % (os.path.abspath(args.out), min(args.batch_size, len(dataset)), split,
@@ -218,13 +225,15 @@ def run(args):
         if nets.netGenX is None:
             print("no redraws: they need the region generators (netGenX): give --statePathX, or --statePath "
                   "with a file that holds them")
-        if args.score:
-            in_order = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False)
-            acc, iou, _ = utils.evaluate(nets.netEncM, in_order, device)
-            print("%s split of %s (%d images): accuracy %.4f IoU %.4f"
-                  % (split, dataset_name, len(dataset), acc, iou))
-    elif args.score:
+    if args.score and not use_dataset:
         raise UserError("--score needs --dataroot (a dataset with ground-truth masks)")
+    if args.score:
+        in_order = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False)
+        acc, iou, _ = utils.evaluate(nets.netEncM, in_order, device)
+        print("%s split of %s (%d images): accuracy %.4f IoU %.4f%s"
+              % (split, dataset_name, len(dataset), acc, iou,
+                 " (no ground-truth masks%s)" % (": give --maskroot" if dataset_name == "folder" else "")
+                 if math.isnan(iou) else ""))
     if args.images:
         if args.redraw:
             require(nets, "netGenX", "--redraw")

@@ -565,18 +565,18 @@ def build_net(name, opt, device="cpu"):
     return NET_BUILDERS[name](opt).to(device)
 
 
-def build_nets(opt, device="cpu", netRecZ=None):
+def build_nets(opt, device="cpu", netRecZ=None, skip_ortho_init_sn=False):
     """The nets of a training run, untrained, with the original's random-number order:
     mask extractor, generators and discriminator are created, then initialised, then the
     noise reconstructor (if wrecZ > 0) is created and initialised. Built on the CPU, so
     that a seed gives the same weights on every device. Restarting after a collapse, the
     original keeps its noise reconstructor and only re-initialises it: pass it as netRecZ.
+    skip_ortho_init_sn: --skipOrthoInitSN (see init_weights_orthogonal).
     """
     check_sizex(opt.sizex)
-    skip_sn = getattr(opt, "skipOrthoInitSN", False)
     nets = ReDONets(**{name: build_net(name, opt) for name in ("netEncM", "netGenX", "netDX")})
     for _, net in nets.items():
-        init_weights_orthogonal(net, opt.initOrthoGain, skip_sn)
+        init_weights_orthogonal(net, opt.initOrthoGain, skip_ortho_init_sn)
     if opt.wrecZ > 0:
-        nets.netRecZ = init_weights_orthogonal(netRecZ or build_net("netRecZ", opt), opt.initOrthoGain, skip_sn)
+        nets.netRecZ = init_weights_orthogonal(netRecZ or build_net("netRecZ", opt), opt.initOrthoGain, skip_ortho_init_sn)
     return nets.to(device)

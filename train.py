@@ -5,7 +5,6 @@
 import argparse
 import contextlib
 import ctypes
-import functools
 import glob
 import os
 import random
@@ -13,7 +12,6 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.utils as vutils
@@ -172,7 +170,8 @@ def training_iteration(nets, optimizers, xData, xReal, zData, opt, iteration, mo
 # ----------------------------------------------------------------------------- options
 
 def make_parser():
-    p = argparse.ArgumentParser(description="Train ReDO (unsupervised object segmentation by redrawing).")
+    p = argparse.ArgumentParser(description="Train ReDO (unsupervised object segmentation by redrawing).",
+                                formatter_class=utils.HelpFormatter)
     p.add_argument('--dataset', default="flowers",
                    help='flowers | cub | lfw | cmnist | synthetic (built in, no download) | folder (your images) '
                         '| lfw+flowers (--dataroot LFW_ROOT,FLOWERS_ROOT)')
@@ -184,10 +183,10 @@ def make_parser():
     p.add_argument('--nMasks', type=int, default=2, help='number of masks')
     p.add_argument('--nResM', type=int, default=3, help='number of residual blocks in netM')
     p.add_argument('--nf', type=int, default=64, help='base number of filters for conv nets')
-    p.add_argument('--nfD', type=int, default=None, help='specific nf for netD, default to nf')
-    p.add_argument('--nfX', type=int, default=None, help='specific nf for netX, default to nf')
-    p.add_argument('--nfM', type=int, default=None, help='specific nf for netM, default to nf')
-    p.add_argument('--nfZ', type=int, default=None, help='specific nf for netZ, default to nf')
+    p.add_argument('--nfD', type=int, default=None, help='nf for netD (default: --nf)')
+    p.add_argument('--nfX', type=int, default=None, help='nf for netX (default: --nf)')
+    p.add_argument('--nfM', type=int, default=None, help='nf for netM (default: --nf)')
+    p.add_argument('--nfZ', type=int, default=None, help='nf for netZ (default: --nf)')
     p.add_argument('--useSelfAttD', action='store_true', help='use self attention for D')
     p.add_argument('--useSelfAttG', action='store_true', help='use self attention for G')
     p.add_argument('--workers', type=int, default=4, help='number of data loading workers')
@@ -195,21 +194,22 @@ def make_parser():
     p.add_argument('--nTest', type=int, default=5, help='number of test images shown in the sample grids')
     p.add_argument('--nIteration', type=int, default=50000, help='number of iterations')
     p.add_argument('--initOrthoGain', type=float, default=.8, help='gain for the orthogonal initialization')
-    p.add_argument('--lrG', type=float, default=1e-4, help='learning rate for G, default=1e-4')
-    p.add_argument('--lrM', type=float, default=1e-5, help='learning rate for M, default=1e-5')
-    p.add_argument('--lrD', type=float, default=1e-4, help='learning rate for D, default=1e-4')
-    p.add_argument('--lrZ', type=float, default=1e-4, help='learning rate for Z, default=1e-4')
+    p.add_argument('--lrG', type=float, default=1e-4, help='learning rate of the region generators (netX)')
+    p.add_argument('--lrM', type=float, default=1e-5, help='learning rate of the mask extractor (netM)')
+    p.add_argument('--lrD', type=float, default=1e-4, help='learning rate of the discriminator (netD)')
+    p.add_argument('--lrZ', type=float, default=1e-4, help='learning rate of the noise reconstructor (netZ)')
     p.add_argument('--gStepFreq', type=int, default=1, help='update G every x iterations')
     p.add_argument('--dStepFreq', type=int, default=1, help='update D every x iterations')
     p.add_argument('--temperature', type=float, default=1, help='softmax temperature')
-    p.add_argument('--wdecay', type=float, default=1e-4, help='weight decay for M, default=1e-4')
+    p.add_argument('--wdecay', type=float, default=1e-4, help='weight decay of the mask extractor')
     p.add_argument('--wrecZ', type=float, default=5, help='weight for z reconstruction (0: no netRecZ)')
     p.add_argument('--outf', default='.', help='folder to output images and model checkpoints')
     p.add_argument('--checkpointFreq', type=int, default=500, help='frequency of checkpoints')
     p.add_argument('--iteration', type=int, default=0, help='iteration to load (to resume training)')
-    p.add_argument('--manualSeed', type=int, help='manual seed')
+    p.add_argument('--manualSeed', type=int, help='manual seed (default: drawn at random, and saved)')
     p.add_argument('--resume', action='store_true', help='resume from the last checkpoint in --outf')
-    p.add_argument('--clean', action='store_true', help='delete the previous checkpoint when saving one')
+    p.add_argument('--clean', action=argparse.BooleanOptionalAction, default=False,
+                   help='delete the previous checkpoint when saving one (kept by --resume; --no-clean to stop)')
     p.add_argument('--silent', action='store_true', help='silent execution')
     p.add_argument('--autoRestart', type=float, default=0,
                    help='restart training if the ratio "size of region" / "size of image" is strictly '
@@ -227,6 +227,8 @@ def make_parser():
 
 
 RESUME_OVERRIDES = ("clean", "silent", "outf", "device", "workers", "nIteration")
+"""What --resume takes from the command line: --silent and --outf always (as the original),
+the others when given."""
 
 
 def explicit_flags(argv=None):
@@ -237,27 +239,37 @@ def explicit_flags(argv=None):
     return set(vars(parser.parse_args(argv)))
 
 
+def complete_options(opt):
+    """Options saved before a flag existed (by the original, or by an earlier version of
+    this project) get that flag's default, once, when they are loaded."""
+    for action in make_parser()._actions:
+        if action.dest != "help" and action.dest not in opt:
+            setattr(opt, action.dest, action.default)
+    return opt
+
+
 def resolve_options(opt, explicit=()):
-    """The run's options and the checkpoint it starts from, if any.
+    """The run's options and the checkpoint it starts from, (path, state) or None.
 
     --resume takes the options saved in the newest complete checkpoint of --outf, except
-    --clean, --silent and --outf (as the original) and, when given, --device, --workers
-    and --nIteration. --iteration N starts from OUTF/state_N.pth with the command line's
-    options.
+    those of RESUME_OVERRIDES. --iteration N starts from OUTF/state_N.pth with the command
+    line's options.
     """
-    checkpoint = None
+    start = None
     if opt.resume:
         path, state = latest_checkpoint(opt.outf, "cpu")
-        saved = state["options"]
+        saved = complete_options(state["options"])
         ignored = sorted(explicit - set(RESUME_OVERRIDES) - {"resume", "iteration"})
         if ignored:
-            print("--resume: continuing with the run's saved options; ignoring --%s" % ", --".join(ignored),
-                  file=sys.stderr)
+            utils.warn("--resume: continuing with the run's saved options; ignoring --%s" % ", --".join(ignored))
+        if "clean" in explicit and opt.clean != saved.clean:
+            utils.warn("--resume: %s" % ("--clean: from now on only the newest checkpoint is kept" if opt.clean else
+                                        "--no-clean: from now on every checkpoint is kept (the run had --clean)"))
         for name in RESUME_OVERRIDES:
-            if name in explicit or name in ("clean", "silent", "outf"):
+            if name in explicit or name in ("silent", "outf"):
                 setattr(saved, name, getattr(opt, name))
         saved.resume = True
-        opt, checkpoint = saved, (path, state)
+        opt, start = saved, (path, state)
     if "bestValIoU" not in opt:
         opt.bestValIoU = 0
     for name in ("nfD", "nfX", "nfM", "nfZ"):
@@ -265,14 +277,14 @@ def resolve_options(opt, explicit=()):
             setattr(opt, name, opt.nf)
     if opt.manualSeed is None:
         opt.manualSeed = random.randint(1, 10000)
-    opt.device = utils.resolve_device(getattr(opt, "device", None))
+    opt.device = utils.resolve_device(opt.device)
     check_options(opt)
-    if checkpoint is None and opt.iteration > 0:
+    if start is None and opt.iteration > 0:
         path = state_path(opt, opt.iteration)
         if not os.path.isfile(path):
             raise UserError("--iteration %d: %s does not exist" % (opt.iteration, path))
-        checkpoint = (path, utils.load_checkpoint(path, "cpu"))
-    return opt, checkpoint
+        start = (path, utils.load_checkpoint(path, "cpu"))
+    return opt, start
 
 
 def check_options(opt):
@@ -299,88 +311,7 @@ def check_options(opt):
     utils.resolve_device(opt.device)
 
 
-# ----------------------------------------------------------------------------- data
-
-def make_loader(dataset, batch_size, workers):
-    """Shuffled batches, the last incomplete one dropped, as every loader of the original."""
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
-                                       drop_last=True)
-
-
-class EpochSampler(torch.utils.data.Sampler):
-    """torch's RandomSampler (same random draws: a seed from the global generator at the
-    start of each epoch, then a permutation), which remembers the epoch's seed and can
-    start an epoch part-way through, so that training resumes mid-epoch exactly."""
-
-    def __init__(self, size):
-        self.size = size
-        self.seed = None
-        self._resume_at = None
-
-    def resume(self, seed, skip):
-        self._resume_at = (seed, skip)
-
-    def __iter__(self):
-        if self._resume_at is not None:
-            self.seed, skip = self._resume_at
-            self._resume_at = None
-        else:
-            self.seed, skip = int(torch.empty((), dtype=torch.int64).random_().item()), 0
-        generator = torch.Generator()
-        generator.manual_seed(self.seed)
-        yield from torch.randperm(self.size, generator=generator).tolist()[skip:]
-
-    def __len__(self):
-        return self.size
-
-
-class ShardedBatchSampler(torch.utils.data.Sampler):
-    """Batches of batch_size indices from sampler, the incomplete last one dropped; under
-    torchrun each rank takes its own slice of every batch (batch_size is the global batch)."""
-
-    def __init__(self, sampler, batch_size, rank=0, world=1):
-        self.sampler, self.batch_size, self.rank, self.world = sampler, batch_size, rank, world
-
-    def __iter__(self):
-        share = self.batch_size // self.world
-        batch = []
-        for index in self.sampler:
-            batch.append(index)
-            if len(batch) == self.batch_size:
-                yield batch[self.rank * share:(self.rank + 1) * share]
-                batch = []
-
-    def __len__(self):
-        return len(self.sampler) // self.batch_size
-
-
-class BatchStream:
-    """Endless shuffled batches of a dataset, a new epoch whenever one ends, resumable."""
-
-    def __init__(self, dataset, batch_size, workers, state=None, rank=0, world=1):
-        self.sampler = EpochSampler(len(dataset))
-        self.loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=ShardedBatchSampler(self.sampler, batch_size, rank, world), num_workers=workers,
-            worker_init_fn=functools.partial(seed_worker_for_rank, rank=rank) if world > 1 else None)
-        self.consumed = 0  # batches of the current epoch
-        if state is not None:
-            self.sampler.resume(state["epoch_seed"], state["batches_consumed"] * batch_size)
-            self.consumed = state["batches_consumed"]
-        self.batches = iter(self.loader)
-
-    def __next__(self):
-        try:
-            batch = next(self.batches)
-        except StopIteration:
-            self.batches = iter(self.loader)
-            self.consumed = 0
-            batch = next(self.batches)
-        self.consumed += 1
-        return batch
-
-    def state_dict(self):
-        return {"epoch_seed": self.sampler.seed, "batches_consumed": self.consumed}
-
+# ----------------------------------------------------------------------------- the sample grid
 
 class SampleGrid:
     """The fixed test images and noise shown in every out_%05d.png.
@@ -397,10 +328,7 @@ class SampleGrid:
     @classmethod
     def draw(cls, testset, opt, device):
         """A shuffled batch of nTest test images and its noise, drawn as the original does."""
-        try:
-            x, m = next(iter(make_loader(testset, opt.nTest, opt.workers)))
-        except StopIteration:
-            raise UserError("--nTest %d: larger than the test split (%d images)" % (opt.nTest, len(testset))) from None
+        x, m = next(iter(datasets.make_loader(testset, opt.nTest, opt.workers)))
         z = torch.randn((opt.nTest, opt.nMasks, opt.nz, 1, 1), device=device)
         zn = torch.randn((opt.nTest, opt.nz, 1, 1), device=device)
         m = m[:, :1].float()
@@ -435,42 +363,6 @@ class SampleGrid:
                                                              value_range=(-1, 1), nrow=self.x.size(0) + 5))
 
 
-# ----------------------------------------------------------------------------- random number generators
-
-def seed_worker_for_rank(worker_id, rank):
-    """Under torchrun, loader workers of different ranks draw different random numbers (a
-    dataset that draws its images, such as cmnist, must not give every rank the same)."""
-    seed = (torch.initial_seed() + 1000003 * rank) % 2**32
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_states():
-    """Every generator a run draws from, in a form that loads with weights_only=True."""
-    _, key, pos, has_gauss, gauss = np.random.get_state()
-    states = {"python": random.getstate(), "torch": torch.get_rng_state(),
-              "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
-                        "gauss": gauss}}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def restore_rng_states(states):
-    random.setstate(states["python"])
-    torch.set_rng_state(states["torch"])
-    n = states["numpy"]
-    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
 # ----------------------------------------------------------------------------- checkpoints
 
 DAT_FILES = ("train.dat", "val.dat")
@@ -501,26 +393,11 @@ def latest_checkpoint(outf, device):
         try:
             return path, utils.load_checkpoint(path, device)
         except UserError as e:
-            print("skipping %s" % e, file=sys.stderr)
+            utils.warn("--resume: skipping %s" % e)
     raise UserError("--resume: no checkpoint to resume in --outf %s (no complete state_*.pth)" % outf)
 
 
-def count_lines(path):
-    if not os.path.exists(path):
-        return 0
-    with open(path, "rb") as f:
-        return len(f.read().splitlines())
-
-
-def truncate_lines(path, n):
-    """Keep the first n lines: what was written after the checkpoint we resume from goes."""
-    if count_lines(path) > n:
-        with open(path, "rb") as f:
-            lines = f.read().splitlines(keepends=True)[:n]
-        utils.atomic_write(path, lambda f: f.write(b"".join(lines)))
-
-
-# ----------------------------------------------------------------------------- the training program
+# ----------------------------------------------------------------------------- the training run
 
 COMPILE_BACKEND = "inductor"  # torch.compile's default, which generates code
 
@@ -558,62 +435,65 @@ def keep_freed_memory():
 
 class TrainingRun:
     """What a run holds between iterations. Set up as the original sets up, drawing random
-    numbers in its order; or from a checkpoint, continuing exactly where it was saved."""
+    numbers in its order; or from a checkpoint `start` (path, state), continuing exactly
+    where it was saved."""
 
-    def __init__(self, opt, checkpoint=None, dist=None):
+    def __init__(self, opt, start=None, dist=None):
         self.opt = opt
         self.dist = dist or Distributed()
         self.device = torch.device(opt.device)
         tune_for_device(self.device)
         self.log = print if self.dist.is_main and not opt.silent else (lambda *a: None)
         self.log("Random Seed: ", opt.manualSeed)
-        seed_everything(opt.manualSeed)
-        trainset, valset, testset = (self.load_split(split) for split in ("train", "val", "test"))
-        self.trainloader = make_loader(trainset, opt.batchSize, opt.workers)
+        utils.seed_everything(opt.manualSeed)
+        splits = {split: self.load_split(split) for split in datasets.SPLITS}
+        check_split_sizes(splits, opt)
+        self.trainloader = datasets.make_loader(splits["train"], opt.batchSize, opt.workers)
         self.nets = self.build_nets()
         self.optimizers = make_optimizers(self.nets, opt)
         self.modules = self.dist.step_modules(self.nets)
         resume = None
-        if checkpoint is not None:
-            self.load_nets_and_optimizers(*checkpoint)
-            resume = checkpoint[1].get("resume")
+        if start is not None:
+            self.load_nets_and_optimizers(*start)
+            resume = start[1].get("resume")
         elif self.dist.is_main:
             for name in ("train.dat", "test.dat", "val.dat"):
                 if os.path.exists(os.path.join(opt.outf, name)):
                     os.remove(os.path.join(opt.outf, name))
         if resume is None:
-            self.grid = SampleGrid.draw(testset, opt, self.device)
+            self.grid = SampleGrid.draw(splits["test"], opt, self.device)
         else:
             self.grid = SampleGrid(**{k: v.to(self.device) for k, v in resume["sampleGrid"].items()})
-        self.valloader = make_loader(valset, opt.batchSize, opt.workers)
+        self.valloader = datasets.make_loader(splits["val"], opt.batchSize, opt.workers)
         shard = dict(rank=self.dist.rank, world=self.dist.world)
-        self.genData = BatchStream(trainset, opt.batchSize, opt.workers, resume and resume["genData"], **shard)
-        self.disData = BatchStream(trainset, opt.batchSize, opt.workers, resume and resume["disData"], **shard)
+        self.genData = datasets.BatchStream(splits["train"], opt.batchSize, opt.workers,
+                                            resume and resume["genData"], **shard)
+        self.disData = datasets.BatchStream(splits["train"], opt.batchSize, opt.workers,
+                                            resume and resume["disData"], **shard)
         if resume is not None:
             if self.dist.is_main:
                 for name in DAT_FILES:
-                    truncate_lines(os.path.join(opt.outf, name), resume["datLines"][name])
-            restore_rng_states(resume["rng"])
+                    utils.truncate_lines(os.path.join(opt.outf, name), resume["datLines"][name])
+            utils.restore_rng_states(resume["rng"])
 
     def load_split(self, split):
         opt = self.opt
-        dataset = datasets.make_dataset(opt.dataset, opt.dataroot, split, opt.sizex, getattr(opt, "maskroot", None))
-        if getattr(opt, "cacheData", False):
+        dataset = datasets.make_dataset(opt.dataset, opt.dataroot, split, opt.sizex, opt.maskroot)
+        if opt.cacheData:
             dataset = datasets.InMemoryDataset(dataset, opt.workers)
             self.log("cached the %s split in memory: %d images, %.0f MB" % (split, len(dataset), dataset.nbytes() / 2**20))
         return dataset
 
     def build_nets(self, netRecZ=None):
         """The nets, compiled with --compile (in place: the checkpoints keep their keys)."""
-        nets = models.build_nets(self.opt, self.device, netRecZ=netRecZ)
-        if getattr(self.opt, "compile", False):
+        nets = models.build_nets(self.opt, self.device, netRecZ=netRecZ, skip_ortho_init_sn=self.opt.skipOrthoInitSN)
+        if self.opt.compile:
             compile_nets(nets, COMPILE_BACKEND)
         return nets
 
     def autocast(self):
         """Mixed precision (--amp bf16) for the training iterations; scores stay in fp32."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16,
-                              enabled=getattr(self.opt, "amp", "none") == "bf16")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.opt.amp == "bf16")
 
     def load_nets_and_optimizers(self, path, state):
         check_same_networks(state["options"], self.opt, path)
@@ -623,9 +503,11 @@ class TrainingRun:
         for name, optimizer in self.optimizers.items():
             overridden += overridden_flags(name, state[name], self.opt)
             load_optimizer_state(optimizer, state[name])
-        if overridden and self.dist.is_main:
-            print("warning: %s: its optimizers keep their saved settings, as in the original; ignoring %s"
-                  % (path, ", ".join(overridden)), file=sys.stderr)
+        if overridden:
+            utils.warn("%s: its optimizers keep their saved settings, as in the original; ignoring %s"
+                       % (path, ", ".join(overridden)))
+
+    # -------------------------------------------------------------- an iteration
 
     def train_one_iteration(self):
         opt = self.opt
@@ -639,59 +521,34 @@ class TrainingRun:
         check_finite(losses, opt.iteration)
         opt.iteration += 1
 
-    def checkpoint(self):
-        """Score, draw the sample grid, then restart after a collapse or save a checkpoint.
-        Under torchrun rank 0 does it all, and its decision and random state are shared."""
-        decision = self.score_and_save() if self.dist.is_main else None
-        decision = self.dist.share(decision)
-        restore_rng_states(decision["rng"])  # rank 0's evaluation loaders drew from it
-        if decision["restart"]:
-            self.restart()
-        else:
-            self.opt.bestValIoU = decision["bestValIoU"]
-            self.nets.train()
+    # -------------------------------------------------------------- the end of a period (rank 0)
 
-    def score_and_save(self):
-        opt = self.opt
-        self.nets.eval()
+    def score(self):
+        """Accuracy, IoU and smallest region size of the mask extractor on the whole train and
+        validation splits, appended to train.dat and val.dat."""
         scores = {"train": utils.evaluate(self.nets.netEncM, self.trainloader, self.device),
                   "val": utils.evaluate(self.nets.netEncM, self.valloader, self.device)}
         for split, (acc, iou, _) in scores.items():
             self.log(split + ":", acc, iou)
-            utils.append_line(os.path.join(opt.outf, split + ".dat"), "%d %s %s" % (opt.iteration, acc, iou))
-        self.grid.save(self.nets, os.path.join(opt.outf, "out_%05d.png" % opt.iteration))
-        self.nets.zero_grad()
-        restart = False
-        if utils.has_collapsed([scores["train"][2], scores["val"][2]], opt.autoRestart):
-            print("Training appear to have collapsed.")
-            if opt.iteration <= 7000:
-                print("Reinitializing training.")
-                restart = True
-        if not restart:
-            self.save(scores["val"][1])
-        return {"restart": restart, "bestValIoU": opt.bestValIoU, "rng": rng_states()}
+            utils.append_line(os.path.join(self.opt.outf, split + ".dat"), "%d %s %s" % (self.opt.iteration, acc, iou))
+        return scores
 
-    def restart(self):
-        """Fresh nets and optimizers after a collapse, drawing random numbers as the
-        original does (its noise reconstructor is re-initialised in place); the data
-        streams go on."""
-        self.nets = self.build_nets(netRecZ=self.nets.netRecZ)
-        self.optimizers = make_optimizers(self.nets, self.opt)
-        self.modules = self.dist.step_modules(self.nets)
-        self.opt.iteration = 0
+    def draw_sample_grid(self):
+        with utils.eval_mode(*(net for _, net in self.nets.items())):
+            self.grid.save(self.nets, os.path.join(self.opt.outf, "out_%05d.png" % self.opt.iteration))
 
-    def state_dict(self):
-        """The original's keys, and under 'resume' what continuing exactly needs."""
-        state = {name: net.state_dict() for name, net in self.nets.items()}
-        state.update({name: optimizer.state_dict() for name, optimizer in self.optimizers.items()})
-        state["options"] = self.opt
-        state["resume"] = {
-            "genData": self.genData.state_dict(), "disData": self.disData.state_dict(),
-            "sampleGrid": self.grid.state_dict(), "rng": rng_states(),
-            "datLines": {name: count_lines(os.path.join(self.opt.outf, name)) for name in DAT_FILES}}
-        return state
+    def collapse_restarts(self, scores):
+        """--autoRestart: whether training collapsed (as the original, told on stdout) and,
+        before iteration 7000, restarts."""
+        if not utils.has_collapsed([scores["train"][2], scores["val"][2]], self.opt.autoRestart):
+            return False
+        print("Training appear to have collapsed.")
+        if self.opt.iteration > 7000:
+            return False
+        print("Reinitializing training.")
+        return True
 
-    def save(self, val_iou):
+    def save_checkpoint(self, val_iou):
         """state_%05d.pth and options.pth; best.pth when the validation IoU is the best so
         far; with --clean, the previous state file goes once the new one is complete."""
         opt = self.opt
@@ -706,6 +563,57 @@ class TrainingRun:
         previous = state_path(opt, opt.iteration - opt.checkpointFreq)
         if opt.clean and opt.iteration > opt.checkpointFreq and os.path.exists(previous):
             os.remove(previous)
+
+    def state_dict(self):
+        """The original's keys, and under 'resume' what continuing exactly needs."""
+        state = {name: net.state_dict() for name, net in self.nets.items()}
+        state.update({name: optimizer.state_dict() for name, optimizer in self.optimizers.items()})
+        state["options"] = self.opt
+        state["resume"] = {
+            "genData": self.genData.state_dict(), "disData": self.disData.state_dict(),
+            "sampleGrid": self.grid.state_dict(), "rng": utils.rng_states(),
+            "datLines": {name: utils.count_lines(os.path.join(self.opt.outf, name)) for name in DAT_FILES}}
+        return state
+
+    # -------------------------------------------------------------- every rank
+
+    def restart(self):
+        """Fresh nets and optimizers after a collapse, drawing random numbers as the
+        original does (its noise reconstructor is re-initialised in place); the data
+        streams go on."""
+        self.nets = self.build_nets(netRecZ=self.nets.netRecZ)
+        self.optimizers = make_optimizers(self.nets, self.opt)
+        self.modules = self.dist.step_modules(self.nets)
+        self.opt.iteration = 0
+
+    def summary(self):
+        """One line for the end of the run: the best checkpoint, the last one, what to run next."""
+        opt = self.opt
+        last = state_path(opt, opt.iteration - opt.iteration % opt.checkpointFreq)
+        val = [line.split() for line in open(os.path.join(opt.outf, "val.dat"))] \
+            if os.path.exists(os.path.join(opt.outf, "val.dat")) else []
+        best = [row[0] for row in val if float(row[2]) == opt.bestValIoU]
+        if best:
+            chosen = os.path.join(opt.outf, "best.pth")
+            verdict = "best validation IoU %.4f at iteration %s (%s)" % (opt.bestValIoU, best[0], chosen)
+        else:
+            chosen = last
+            verdict = "no validation IoU (no ground-truth masks), so no best.pth"
+        return ("done: %s; last checkpoint %s; segment with: python example_load_pretrained.py --statePath %s%s"
+                % (verdict, last, chosen, "" if not datasets.needs_dataroot(opt.dataset) else
+                   " --dataroot %s" % opt.dataroot))
+
+
+def check_split_sizes(splits, opt):
+    """Every split holds what is drawn from it (whole batches; the sample grid's test
+    images), checked before any training."""
+    needs = {"train": ("batchSize", opt.batchSize), "val": ("batchSize", opt.batchSize), "test": ("nTest", opt.nTest)}
+    for split, dataset in splits.items():
+        flag, needed = needs[split]
+        if len(dataset) < needed:
+            raise UserError("the %s split of --dataset %s has %d image%s; --%s %d needs at least %d: add images "
+                            "or lower --%s" % (split, opt.dataset, len(dataset), "" if len(dataset) == 1 else "s",
+                                               flag, needed, needed, flag))
 
 
 def check_finite(losses, iteration):
@@ -726,30 +634,40 @@ def check_output_folder(outf):
         raise UserError("--outf %s: cannot write there (%s)" % (outf, e.strerror or e)) from None
 
 
-def train(opt, checkpoint=None, dist=None):
-    """The original's training loop: iterations until --nIteration, a checkpoint every
-    --checkpointFreq. Returns the TrainingRun at its end."""
+def train(opt, start=None, dist=None):
+    """The original's training loop: iterations until --nIteration; every --checkpointFreq,
+    rank 0 scores, draws the sample grid, and restarts after a collapse or saves a
+    checkpoint, and every rank follows its decision. Returns the TrainingRun at its end."""
     dist = dist or Distributed()
     if dist.is_main:
         check_output_folder(opt.outf)
     dist.barrier()
-    run = TrainingRun(opt, checkpoint, dist)
-    del checkpoint  # its tensors are loaded; free them
-    pbar = None
-    show_progress = dist.is_main and not opt.silent
+    run = TrainingRun(opt, start, dist)
+    del start  # its tensors are loaded; free them
+    progress = None
     while opt.iteration <= opt.nIteration:
-        if pbar is None and show_progress:
-            pbar = tqdm(total=opt.checkpointFreq)
+        progress = progress or tqdm(total=opt.checkpointFreq, disable=not dist.is_main or opt.silent)
         run.train_one_iteration()
-        if pbar is not None:
-            pbar.update(1)
-        if opt.iteration % opt.checkpointFreq == 0:
-            if pbar is not None:
-                pbar.close()
-                pbar = None
-            run.checkpoint()
-    if pbar is not None:
-        pbar.close()
+        progress.update(1)
+        if opt.iteration % opt.checkpointFreq:
+            continue
+        progress = progress.close()
+        decision = None
+        if dist.is_main:
+            scores = run.score()
+            run.draw_sample_grid()
+            restart = run.collapse_restarts(scores)
+            if not restart:
+                run.save_checkpoint(scores["val"][1])
+            decision = {"restart": restart, "bestValIoU": opt.bestValIoU, "rng": utils.rng_states()}
+        decision = dist.share(decision)
+        utils.restore_rng_states(decision["rng"])  # rank 0's evaluation loaders drew from it
+        if decision["restart"]:
+            run.restart()
+        opt.bestValIoU = decision["bestValIoU"]
+    if progress is not None:
+        progress.close()
+    run.log(run.summary())
     return run
 
 
@@ -814,9 +732,9 @@ class Distributed:
 def main(argv=None):
     dist = Distributed()
     try:
-        opt, checkpoint = resolve_options(make_parser().parse_args(argv), explicit_flags(argv))
+        opt, start = resolve_options(make_parser().parse_args(argv), explicit_flags(argv))
         dist = Distributed.from_environment(opt)
-        train(opt, checkpoint, dist)
+        train(opt, start, dist)
     except UserError as e:
         sys.exit("error: %s" % utils.user_error_message(e))
     finally:

@@ -5,8 +5,11 @@ import io
 import itertools
 import os
 import pickle
+import random
+import sys
 import tarfile
 
+import numpy as np
 import torch
 
 import models
@@ -25,6 +28,21 @@ def user_error_message(error):
     if "Original Traceback" in message:
         message = message.rstrip().splitlines()[-1].split("UserError: ", 1)[-1]
     return message
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default, where it has one (not None, not an unset switch)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def warn(message):
+    """A warning on stderr, printed by one process only under torchrun (rank 0)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("warning: %s" % message, file=sys.stderr)
 
 
 def resolve_device(name=None):
@@ -242,3 +260,45 @@ def load_options(path):
     if not isinstance(opt, argparse.Namespace):
         raise UserError("%s: expected saved training options (an argparse.Namespace)" % path)
     return opt
+
+
+def count_lines(path):
+    if not os.path.exists(path):
+        return 0
+    with open(path, "rb") as f:
+        return len(f.read().splitlines())
+
+
+def truncate_lines(path, n):
+    """Keep the first n lines: what was written after the checkpoint we resume from goes."""
+    if count_lines(path) > n:
+        with open(path, "rb") as f:
+            lines = f.read().splitlines(keepends=True)[:n]
+        atomic_write(path, lambda f: f.write(b"".join(lines)))
+
+
+# ----------------------------------------------------------------------------- random number generators
+
+def seed_everything(seed):
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_states():
+    """Every generator a run draws from, in a form that loads with weights_only=True."""
+    _, key, pos, has_gauss, gauss = np.random.get_state()
+    states = {"python": random.getstate(), "torch": torch.get_rng_state(),
+              "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
+                        "gauss": gauss}}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states):
+    random.setstate(states["python"])
+    torch.set_rng_state(states["torch"])
+    n = states["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])

@@ -34,11 +34,12 @@ CONFIGS = {
 
 
 def options(config):
+    """train.py's options for a configuration, through its parser."""
+    import train
     c = CONFIGS[config]
-    return argparse.Namespace(sizex=128, nx=3, nz=32, nMasks=2, nResM=3, nf=c["nf"], nfD=c["nf"], nfX=c["nfX"],
-                              nfM=c["nf"], nfZ=c["nf"], useSelfAttD=True, useSelfAttG=True, temperature=1.0,
-                              wrecZ=5.0, initOrthoGain=0.8, lrG=1e-4, lrD=1e-4, lrZ=1e-4, lrM=1e-5, wdecay=1e-4,
-                              gStepFreq=1, dStepFreq=1, batchSize=c["batchSize"], skipOrthoInitSN=False)
+    flags = ["--nf", c["nf"], "--nfX", c["nfX"], "--batchSize", c["batchSize"], "--useSelfAttD", "--useSelfAttG",
+             "--device", "cpu", "--manualSeed", 1]
+    return train.resolve_options(train.make_parser().parse_args([str(f) for f in flags]))[0]
 
 
 def original_nets(path, opt, device):

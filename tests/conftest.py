@@ -155,3 +155,29 @@ def assert_weights_retrace(state, reference, bounds, fraction, free_bias_steps, 
     for key, tensor in reference.get("netGenX", {}).items():
         if is_free_bias(key, selfAttG):
             assert (state["netGenX"][key] - tensor).abs().max() <= adam_drift_bound(free_bias_steps), key
+
+
+def read_dat(path):
+    """The rows of train.dat or val.dat: iteration, accuracy, IoU."""
+    with open(path) as f:
+        return [[float(v) for v in line.split()] for line in f.read().splitlines()]
+
+
+def grid_size(nTest, nMasks, sizex=128, padding=2):
+    """(width, height) of a training sample grid: nTest + 5 columns, nMasks * (nTest + 1) rows."""
+    return ((nTest + 5) * (sizex + padding) + padding, nMasks * (nTest + 1) * (sizex + padding) + padding)
+
+
+def one_line_error(result):
+    """The one line a script printed on stderr when it failed, checked to be one line."""
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def training_options(*flags):
+    """train.py's options for these flags, completed as a run completes them."""
+    import train
+    return train.resolve_options(train.make_parser().parse_args([str(f) for f in flags]))[0]

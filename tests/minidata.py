@@ -121,4 +121,22 @@ def make_mnist(root, n_train=40, n_test=20, seed=0):
     return root
 
 
+def make_folder(root, n=12, with_masks=True, seed=0):
+    """images/{a,b}/imgNN.jpg of varied widths, and with_masks, masks/{a,b}/imgNN.png (white
+    on the object): a folder of one's own images for --dataset folder (root: a pathlib.Path)."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        w, h = 60 + 7 * i, 80
+        image = np.full((h, w, 3), rng.integers(0, 100, 3), np.uint8)
+        mask = np.zeros((h, w), np.uint8)
+        mask[20:60, 15:45] = 255
+        image[mask > 0] = rng.integers(150, 255, 3)
+        sub = "a" if i % 2 else "b"
+        os.makedirs(root / "images" / sub, exist_ok=True)
+        Image.fromarray(image).save(root / "images" / sub / ("img%02d.jpg" % i))
+        if with_masks:
+            os.makedirs(root / "masks" / sub, exist_ok=True)
+            Image.fromarray(mask).save(root / "masks" / sub / ("img%02d.png" % i))
+
+
 MAKERS = {"flowers": make_flowers, "cub": make_cub, "lfw": make_lfw, "cmnist": make_mnist}

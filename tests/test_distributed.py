@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import torch
 
-import train
+import datasets
 import utils
 from conftest import ROOT, assert_weights_retrace, run_script
 
@@ -16,16 +16,16 @@ THREADS = torch.get_num_threads()
 RANK_SCRIPT = """
 import sys, torch
 sys.path.insert(0, %(root)r)
-import train
+import datasets, train, utils
 sys.path.insert(0, %(tests)r)
 from test_distributed import log_batches
 argv = sys.argv[1:]
-opt, checkpoint = train.resolve_options(train.make_parser().parse_args(argv), train.explicit_flags(argv))
+opt, start = train.resolve_options(train.make_parser().parse_args(argv), train.explicit_flags(argv))
 dist = train.Distributed.from_environment(opt)
-batches = log_batches(train.ShardedBatchSampler)
-run = train.train(opt, checkpoint, dist)
+batches = log_batches(datasets.ShardedBatchSampler)
+run = train.train(opt, start, dist)
 torch.save({"nets": {name: net.state_dict() for name, net in run.nets.items()}, "batches": batches,
-            "rng": train.rng_states()}, "%%s/rank%%d.pt" %% (opt.outf, dist.rank))
+            "rng": utils.rng_states()}, "%%s/rank%%d.pt" %% (opt.outf, dist.rank))
 dist.close()
 """
 
@@ -66,8 +66,8 @@ def test_two_processes_match_one_process_with_the_whole_batch(minidata_root, tmp
     script = tmp_path / "rank_script.py"
     script.write_text(RANK_SCRIPT % {"root": ROOT, "tests": os.path.join(ROOT, "tests")})
     torchrun(script, args + ["--outf", tmp_path / "ddp"], cwd=tmp_path)
-    monkeypatch.setattr(train.ShardedBatchSampler, "__iter__", train.ShardedBatchSampler.__iter__)
-    single_batches = log_batches(train.ShardedBatchSampler)
+    monkeypatch.setattr(datasets.ShardedBatchSampler, "__iter__", datasets.ShardedBatchSampler.__iter__)
+    single_batches = log_batches(datasets.ShardedBatchSampler)
     torch.set_num_threads(1)  # as each rank (OMP_NUM_THREADS=1)
     try:
         run_script("train.py", *args, "--outf", tmp_path / "single", cwd=tmp_path)

@@ -83,29 +83,6 @@ def test_masks_of_own_images_at_their_own_size(tmp_path):
     assert not (tmp_path / "masks" / "notes_mask.png").exists()
 
 
-def test_unreadable_own_image_is_named(tmp_path):
-    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-    result = run_script(SCRIPT, "--statePathM", fixture_path("redo_small_netM_state.pth"), "--images",
-                        tmp_path / "broken.jpg", "--device", "cpu", cwd=tmp_path, check=False)
-    assert result.returncode != 0
-    assert "broken.jpg: cannot decode this image" in result.stderr and "Traceback" not in result.stderr
-
-
-def test_weights_of_a_dataset_on_disk_need_dataroot_or_images(tmp_path):
-    result = run_script(SCRIPT, "--statePathM", fixture_path("redo_small_netM_state.pth"), "--device", "cpu",
-                        cwd=tmp_path, check=False)
-    assert result.returncode != 0
-    assert "nothing to do: give --dataroot (images of the dataset) and/or --images" in result.stderr
-
-
-def test_redraw_without_generators_says_what_is_missing(tmp_path):
-    Image.new("RGB", (50, 40)).save(tmp_path / "x.png")
-    result = run_script(SCRIPT, "--statePathM", fixture_path("redo_small_netM_state.pth"), "--images",
-                        tmp_path / "x.png", "--redraw", "--device", "cpu", cwd=tmp_path, check=False)
-    assert result.returncode != 0
-    assert "--redraw needs the netGenX (region generators): give --statePathX" in result.stderr
-
-
 def test_our_own_training_checkpoints_load(minidata_root, tmp_path):
     outf = tmp_path / "run"
     run_script("train.py", "--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--outf", outf,

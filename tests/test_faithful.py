@@ -308,7 +308,7 @@ def test_other_configurations_match_the_original(record, fixture_options, thread
 def test_skip_ortho_init_sn_leaves_spectral_norm_layers_at_default_init_and_draws_the_same_numbers(fixture_options):
     def built(skip):
         torch.manual_seed(9)
-        return models.build_nets(argparse.Namespace(**{**vars(fixture_options), "skipOrthoInitSN": skip}))
+        return models.build_nets(fixture_options, skip_ortho_init_sn=skip)
     usual, skipped = built(False), built(True)
     for (name, a), (_, b) in zip(usual.items(), skipped.items()):
         for (key, ta), (_, tb) in zip(a.state_dict().items(), b.state_dict().items()):

@@ -1,6 +1,5 @@
 """The speed options keep the numbers: cache-blocked attention, fused convolutions, --amp bf16,
 --cacheData, --compile; and freed memory is reused on the CPU."""
-import argparse
 import os
 import platform
 import subprocess
@@ -12,7 +11,7 @@ import torch
 import models
 import train
 import utils
-from conftest import ROOT, SMALL_RUN, is_free_bias, run_script
+from conftest import ROOT, SMALL_RUN, is_free_bias, run_script, training_options
 
 
 @pytest.mark.parametrize("n_queries", [1024, 1100])  # a whole number of blocks, and not
@@ -66,12 +65,9 @@ def test_fused_convolutions_equal_the_original_layers_in_value_and_gradient():
             torch.testing.assert_close(g_got, g_want, rtol=1e-12, atol=1e-12)
 
 
-def small_options(**changes):
-    opt = dict(sizex=128, nx=3, nz=8, nMasks=2, nResM=1, nf=4, nfD=4, nfX=4, nfM=4, nfZ=4, useSelfAttD=True,
-               useSelfAttG=True, temperature=1.0, wrecZ=5.0, initOrthoGain=0.8, lrG=1e-4, lrD=1e-4, lrZ=1e-4,
-               lrM=1e-5, wdecay=1e-4, gStepFreq=1, dStepFreq=1)
-    opt.update(changes)
-    return argparse.Namespace(**opt)
+def small_options():
+    return training_options("--nz", 8, "--nResM", 1, "--nf", 4, "--useSelfAttD", "--useSelfAttG", "--device", "cpu",
+                            "--manualSeed", 1)
 
 
 def losses_of_iterations(precision, compile_backend=None, iterations=3):
