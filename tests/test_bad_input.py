@@ -206,3 +206,21 @@ def test_archives_are_read_safely(tmp_path, monkeypatch):
     _tar(tmp_path / "ok.tar.gz", [("notes.txt", b"hi"), ("dir/netM.pth", pth)])
     monkeypatch.setattr(utils, "MAX_ARCHIVE_MEMBER_BYTES", 1 << 30)
     assert set(utils.load_checkpoint(tmp_path / "ok.tar.gz")) == {"netEncM", "options"}
+
+
+@pytest.mark.parametrize("n_images, flags, message", [
+    (12, [], "the train split of --dataset folder has 10 images; --batchSize 20 needs at least 20: add images or "
+             "lower --batchSize"),
+    (5, ["--batchSize", 2], "the val split of --dataset folder has 1 image; --batchSize 2 needs at least 2: add "
+                            "images or lower --batchSize"),
+    (30, ["--batchSize", 3, "--nTest", 4], "the test split of --dataset folder has 3 images; --nTest 4 needs at "
+                                           "least 4: add images or lower --nTest")])
+def test_a_folder_too_small_for_the_batch_is_refused_before_training(n_images, flags, message, tmp_path):
+    """A handful of one's own photos: every split must hold a whole batch (and the test split
+    the sample grid's images), said before training rather than found at the first checkpoint."""
+    minidata.make_folder(tmp_path, n=n_images, with_masks=False)
+    result = run_script("train.py", "--dataset", "folder", "--dataroot", tmp_path / "images", "--outf",
+                        tmp_path / "out", "--nf", 4, "--nTest", 1, "--workers", 0, "--device", "cpu", "--silent",
+                        "--checkpointFreq", 2, "--nIteration", 3, *flags, cwd=tmp_path, check=False)
+    assert one_line_error(result) == "error: " + message
+    assert not (tmp_path / "out" / "val.dat").exists()

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import datasets
+import minidata
 import utils
 from conftest import SMALL_RUN, fixture_path, run_script
 
@@ -92,3 +93,37 @@ def test_our_own_training_checkpoints_load(minidata_root, tmp_path):
                             "--batch_size", 2, "--score", "--device", "cpu", cwd=tmp_path)
         assert "loaded netEncM, netGenX, netDX, netRecZ on cpu" in result.stdout
         assert re.search(r"train split of flowers \(6 images\): accuracy 0\.\d+ IoU 0\.\d+", result.stdout)
+
+
+def synthetic_weights(tmp_path):
+    """The fixture's nets, as if trained on --dataset synthetic (which needs no --dataroot)."""
+    state = utils.load_checkpoint(fixture_path("redo_small_nets_state.pth"))
+    state["options"].dataset = "synthetic"
+    torch.save(state, tmp_path / "synthetic.pth")
+    return tmp_path / "synthetic.pth"
+
+
+def test_images_alone_write_only_their_masks(tmp_path):
+    own = tmp_path / "photos"
+    own.mkdir()
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(own / "a.png")
+    result = run_script(SCRIPT, "--statePath", synthetic_weights(tmp_path), "--images", own, "--outdir", "masks",
+                        "--device", "cpu", cwd=tmp_path)
+    assert "wrote the masks of 1 images" in result.stdout
+    assert sorted(os.listdir(tmp_path / "masks")) == ["a_mask.png", "a_soft.png"]
+    assert not (tmp_path / "out.png").exists()
+
+
+@pytest.mark.parametrize("with_masks", [True, False])
+def test_score_a_labelled_folder_of_ones_own(with_masks, tmp_path):
+    minidata.make_folder(tmp_path, n=20, with_masks=True)
+    masks = ["--maskroot", tmp_path / "masks"] if with_masks else []
+    result = run_script(SCRIPT, "--statePath", fixture_path("redo_small_nets_state.pth"), "--dataset", "folder",
+                        "--dataroot", tmp_path / "images", *masks, "--score", "--split", "val", "--device", "cpu",
+                        cwd=tmp_path)
+    line, = [line for line in result.stdout.splitlines() if line.startswith("val split of folder (2 images)")]
+    acc, iou = (float(v) for v in re.fullmatch(r".*accuracy (\S+) IoU (\S+).*", line).groups())
+    if with_masks:
+        assert 0 <= iou <= acc <= 1 and line.endswith("IoU %.4f" % iou)
+    else:
+        assert np.isnan(acc) and line.endswith("IoU nan (no ground-truth masks: give --maskroot)")

@@ -189,3 +189,19 @@ def test_non_finite_loss_stops_with_the_iteration_and_keeps_the_checkpoint(minid
     assert "error: iteration 2: lossG is nan; training diverged" in result.stderr
     assert (outf / "state_00002.pth").read_bytes() == before
     assert not (outf / "state_00004.pth").exists()
+
+
+def test_resume_keeps_the_runs_clean_unless_told_otherwise(minidata_root, tmp_path):
+    """--clean is the run's: a resume without it still keeps only the newest checkpoint;
+    --no-clean keeps every one from then on, and says so."""
+    outf = tmp_path / "out"
+    run_script("train.py", *SEEDED_RUN, "--dataroot", minidata_root / "flowers", "--nIteration", 3, "--outf", outf,
+               cwd=tmp_path)
+    run_script("train.py", "--resume", "--nIteration", 5, "--outf", outf, "--silent", cwd=tmp_path)
+    assert sorted(p.name for p in outf.glob("state_*.pth")) == ["state_00006.pth"]
+    result = run_script("train.py", "--resume", "--nIteration", 9, "--outf", outf, "--silent", "--no-clean",
+                        cwd=tmp_path)
+    assert result.stderr.splitlines() == ["warning: --resume: --no-clean: from now on every checkpoint is kept (the "
+                                          "run had --clean)"]
+    assert sorted(p.name for p in outf.glob("state_*.pth")) == ["state_00006.pth", "state_00008.pth",
+                                                                 "state_00010.pth"]
