@@ -229,7 +229,7 @@ def run(args):
         raise UserError("--score needs --dataroot (a dataset with ground-truth masks)")
     if args.score:
         in_order = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False)
-        acc, iou, _ = utils.evaluate(nets.netEncM, in_order, device)
+        acc, iou, _, _ = utils.evaluate(nets.netEncM, in_order, device, desc="scoring")
         print("%s split of %s (%d images): accuracy %.4f IoU %.4f%s"
               % (split, dataset_name, len(dataset), acc, iou,
                  " (no ground-truth masks%s)" % (": give --maskroot" if dataset_name == "folder" else "")

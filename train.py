@@ -6,9 +6,11 @@ import argparse
 import contextlib
 import ctypes
 import glob
+import json
 import os
 import random
 import sys
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -218,6 +220,9 @@ def make_parser():
     p.add_argument('--amp', default='none', choices=['none', 'bf16'],
                    help='mixed precision for the training iterations: bf16 autocast (CPU and CUDA)')
     p.add_argument('--compile', action='store_true', help='compile the nets with torch.compile: minutes of compiling, for long GPU runs (README, Speed)')
+    p.add_argument('--tensorboard', action='store_true',
+                   help='also write the statistics and sample grids for TensorBoard in OUTF/tensorboard '
+                        '(pip install tensorboard)')
     p.add_argument('--cacheData', action='store_true',
                    help='decode and resize the dataset once and keep it in memory (same images)')
     p.add_argument('--skipOrthoInitSN', action='store_true',
@@ -358,9 +363,10 @@ class SampleGrid:
         return grid.flatten(0, 2)
 
     def save(self, nets, path):
-        grid = self.render(nets)
-        utils.atomic_write(path, lambda f: vutils.save_image(grid, f, format="png", normalize=True,
-                                                             value_range=(-1, 1), nrow=self.x.size(0) + 5))
+        """Render and write the grid; returns the picture (3, H, W) in [0, 1]."""
+        picture = vutils.make_grid(self.render(nets), nrow=self.x.size(0) + 5, normalize=True, value_range=(-1, 1))
+        utils.atomic_write(path, lambda f: vutils.save_image(picture, f, format="png"))
+        return picture
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -470,11 +476,38 @@ class TrainingRun:
                                             resume and resume["genData"], **shard)
         self.disData = datasets.BatchStream(splits["train"], opt.batchSize, opt.workers,
                                             resume and resume["disData"], **shard)
+        self.stats = []  # the records of stats.jsonl
         if resume is not None:
             if self.dist.is_main:
                 for name in DAT_FILES:
                     utils.truncate_lines(os.path.join(opt.outf, name), resume["datLines"][name])
+                self.stats = self.continue_stats(resume)
             utils.restore_rng_states(resume["rng"])
+        elif start is None and self.dist.is_main:
+            for name in (utils.STATS_FILE, "curves.png"):
+                if os.path.exists(os.path.join(opt.outf, name)):
+                    os.remove(os.path.join(opt.outf, name))
+        self.tensorboard = None
+        if opt.tensorboard and self.dist.is_main:
+            self.tensorboard = utils.tensorboard_writer(opt.outf, purge_step=self.stats[-1]["step"] + 1
+                                                        if self.stats else None)
+        self.events = ["resume"] if start is not None else []
+        self.start_period()
+
+    def continue_stats(self, resume):
+        """stats.jsonl as it was at the checkpoint resumed from (one written before this log
+        existed starts it anew)."""
+        path = os.path.join(self.opt.outf, utils.STATS_FILE)
+        if resume.get("stats") is None:
+            if os.path.exists(path):
+                os.remove(path)
+            return []
+        return utils.continue_stats(path, resume["datLines"][utils.STATS_FILE], resume["stats"])
+
+    def start_period(self):
+        self.period_losses = utils.PeriodLosses()
+        self.period_iterations = 0
+        self.period_start = time.perf_counter()
 
     def load_split(self, split):
         opt = self.opt
@@ -519,6 +552,8 @@ class TrainingRun:
             losses = training_iteration(self.nets, self.optimizers, xData, xReal, zData, opt, opt.iteration,
                                         self.modules)
         check_finite(losses, opt.iteration)
+        self.period_losses.add(losses)
+        self.period_iterations += 1
         opt.iteration += 1
 
     # -------------------------------------------------------------- the end of a period (rank 0)
@@ -526,27 +561,60 @@ class TrainingRun:
     def score(self):
         """Accuracy, IoU and smallest region size of the mask extractor on the whole train and
         validation splits, appended to train.dat and val.dat."""
-        scores = {"train": utils.evaluate(self.nets.netEncM, self.trainloader, self.device),
-                  "val": utils.evaluate(self.nets.netEncM, self.valloader, self.device)}
-        for split, (acc, iou, _) in scores.items():
+        self.score_start = time.perf_counter()
+        desc = None if self.opt.silent else "scoring %s"
+        scores = {split: utils.evaluate(self.nets.netEncM, loader, self.device, desc and desc % split)
+                  for split, loader in (("train", self.trainloader), ("val", self.valloader))}
+        for split, (acc, iou, _, _) in scores.items():
             self.log(split + ":", acc, iou)
             utils.append_line(os.path.join(self.opt.outf, split + ".dat"), "%d %s %s" % (self.opt.iteration, acc, iou))
         return scores
 
     def draw_sample_grid(self):
+        """out_%05d.png; returns the picture (3, H, W) in [0, 1]."""
         with utils.eval_mode(*(net for _, net in self.nets.items())):
-            self.grid.save(self.nets, os.path.join(self.opt.outf, "out_%05d.png" % self.opt.iteration))
+            return self.grid.save(self.nets, os.path.join(self.opt.outf, "out_%05d.png" % self.opt.iteration))
 
     def collapse_restarts(self, scores):
         """--autoRestart: whether training collapsed (as the original, told on stdout) and,
         before iteration 7000, restarts."""
-        if not utils.has_collapsed([scores["train"][2], scores["val"][2]], self.opt.autoRestart):
+        if not utils.has_collapsed([scores["train"].min_region_size, scores["val"].min_region_size],
+                                   self.opt.autoRestart):
             return False
         print("Training appear to have collapsed.")
         if self.opt.iteration > 7000:
             return False
         print("Reinitializing training.")
         return True
+
+    def record_statistics(self, scores, restart, grid):
+        """A record of the period in stats.jsonl, curves.png redrawn, TensorBoard (--tensorboard),
+        and a one-line summary on stdout."""
+        opt, now = self.opt, time.perf_counter()
+        previous = self.stats[-1] if self.stats else {"step": 0, "seconds": 0.0}
+        train_seconds = self.score_start - self.period_start
+        record = {
+            "iteration": opt.iteration, "step": previous["step"] + self.period_iterations,
+            "seconds": round(previous["seconds"] + now - self.period_start, 3),
+            "period_seconds": round(train_seconds, 3), "score_seconds": round(now - self.score_start, 3),
+            "iterations_per_second": round(self.period_iterations / train_seconds, 4),
+            "images_per_second": round(self.period_iterations * opt.batchSize / train_seconds, 3),
+            "losses": self.period_losses.summary(),
+            "region_sizes": {split: [round(size, 5) for size in s.region_sizes] for split, s in scores.items()},
+            **{"%s_%s" % (split, key): utils.json_number(getattr(s, key))
+               for split, s in scores.items() for key in ("acc", "iou")},
+            "events": self.events + (["restart"] if restart else []),
+            "peak_memory_mb": utils.json_number(peak_memory_mb(self.device))}
+        utils.append_line(os.path.join(opt.outf, utils.STATS_FILE), json.dumps(record))
+        self.stats.append(record)
+        self.events = []
+        utils.plot_curves(self.stats, os.path.join(opt.outf, "curves.png"), opt.autoRestart)
+        if self.tensorboard is not None:
+            for name, value in utils.flat_scalars(record).items():
+                self.tensorboard.add_scalar(name, value, record["step"])
+            self.tensorboard.add_image("sample_grid", grid, record["step"])
+            self.tensorboard.flush()
+        self.log(summary_line(record))
 
     def save_checkpoint(self, val_iou):
         """state_%05d.pth and options.pth; best.pth when the validation IoU is the best so
@@ -572,7 +640,9 @@ class TrainingRun:
         state["resume"] = {
             "genData": self.genData.state_dict(), "disData": self.disData.state_dict(),
             "sampleGrid": self.grid.state_dict(), "rng": utils.rng_states(),
-            "datLines": {name: utils.count_lines(os.path.join(self.opt.outf, name)) for name in DAT_FILES}}
+            "datLines": {name: utils.count_lines(os.path.join(self.opt.outf, name))
+                         for name in DAT_FILES + (utils.STATS_FILE,)},
+            "stats": self.stats[-1] if self.stats else None}
         return state
 
     # -------------------------------------------------------------- every rank
@@ -602,6 +672,28 @@ class TrainingRun:
         return ("done: %s; last checkpoint %s; segment with: python example_load_pretrained.py --statePath %s%s"
                 % (verdict, last, chosen, "" if not datasets.needs_dataroot(opt.dataset) else
                    " --dataroot %s" % opt.dataroot))
+
+
+def summary_line(record):
+    """The one line printed at each checkpoint: losses, region sizes, validation IoU, speed."""
+    losses = " ".join("%s %.3f" % (name, value["mean"]) for name, value in record["losses"].items())
+    sizes = ", ".join("%s %s" % (split, " ".join("%.2f" % s for s in sizes))
+                      for split, sizes in record["region_sizes"].items())
+    iou = "" if record["val_iou"] is None else " | val IoU %.4f" % record["val_iou"]
+    return "iteration %d: %s | region sizes %s%s | %.2f it/s%s" % (
+        record["iteration"], losses, sizes, iou, record["iterations_per_second"],
+        "".join(" | " + event for event in record["events"]))
+
+
+def peak_memory_mb(device):
+    """The most memory the run has held: on the GPU, by its tensors; on the CPU, the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 
 
 def check_split_sizes(splits, opt):
@@ -649,24 +741,30 @@ def train(opt, start=None, dist=None):
         progress = progress or tqdm(total=opt.checkpointFreq, disable=not dist.is_main or opt.silent)
         run.train_one_iteration()
         progress.update(1)
+        if opt.iteration % 10 == 0 and not progress.disable:
+            progress.set_postfix({name: "%.3f" % value for name, value in run.period_losses.last_values().items()})
         if opt.iteration % opt.checkpointFreq:
             continue
         progress = progress.close()
         decision = None
         if dist.is_main:
             scores = run.score()
-            run.draw_sample_grid()
+            grid = run.draw_sample_grid()
             restart = run.collapse_restarts(scores)
+            run.record_statistics(scores, restart, grid)
             if not restart:
-                run.save_checkpoint(scores["val"][1])
+                run.save_checkpoint(scores["val"].iou)
             decision = {"restart": restart, "bestValIoU": opt.bestValIoU, "rng": utils.rng_states()}
         decision = dist.share(decision)
         utils.restore_rng_states(decision["rng"])  # rank 0's evaluation loaders drew from it
         if decision["restart"]:
             run.restart()
         opt.bestValIoU = decision["bestValIoU"]
+        run.start_period()
     if progress is not None:
         progress.close()
+    if run.tensorboard is not None:
+        run.tensorboard.close()
     run.log(run.summary())
     return run
 

@@ -3,14 +3,18 @@ import argparse
 import contextlib
 import io
 import itertools
+import json
+import math
 import os
 import pickle
 import random
 import sys
 import tarfile
+from typing import NamedTuple
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import models
 
@@ -185,16 +189,25 @@ def has_collapsed(min_region_sizes, threshold):
     return all(size < threshold for size in min_region_sizes)
 
 
-def evaluate(netEncM, loader, device):
+class SplitScores(NamedTuple):
+    acc: float
+    iou: float
+    min_region_size: float  # of the last batch: what --autoRestart tests, as the original
+    region_sizes: list  # each region's mean soft-mask size over the whole split
+
+
+def evaluate(netEncM, loader, device, desc=None):
     """Accuracy and IoU of netEncM over a loader of (image, mask) batches, as the original:
-    means over batches of per-batch means; and min_region_size of the last batch. Images
-    without ground truth (NaN masks: LFW's train split) are left out of the means; a split
-    with none has NaN scores."""
-    sumAcc, sumIoU, nScored, mPred = 0.0, 0.0, 0, None
+    means over batches of per-batch means; min_region_size of the last batch; and each
+    region's mean size over all batches. Images without ground truth (NaN masks: LFW's
+    train split) are left out of the means; a split with none has NaN scores. desc: a
+    progress bar with this label."""
+    sumAcc, sumIoU, nScored, mPred, sizes = 0.0, 0.0, 0, None, []
     with eval_mode(netEncM), torch.inference_mode():
-        for xLoad, mLoad in loader:
+        for xLoad, mLoad in tqdm(loader, desc=desc, leave=False, disable=desc is None):
             mData = mLoad.to(device)
             mPred = netEncM(xLoad.to(device))
+            sizes.append(mPred.mean((0, 2, 3)))
             known = ~mData.isnan().flatten(1).any(1)
             if known.any():
                 acc, iou = segmentation_scores(mPred[known], mData[known])
@@ -202,10 +215,11 @@ def evaluate(netEncM, loader, device):
                 sumIoU += iou.mean().item()
                 nScored += 1
     if mPred is None:
-        raise UserError("evaluation got no batch: the split has fewer images than --batchSize")
+        raise UserError("evaluation got no batch: the split is empty or smaller than one batch")
+    region_sizes = torch.stack(sizes).mean(0).tolist()
     if nScored == 0:
-        return float("nan"), float("nan"), min_region_size(mPred)
-    return sumAcc / nScored, sumIoU / nScored, min_region_size(mPred)
+        return SplitScores(float("nan"), float("nan"), min_region_size(mPred), region_sizes)
+    return SplitScores(sumAcc / nScored, sumIoU / nScored, min_region_size(mPred), region_sizes)
 
 
 # ----------------------------------------------------------------------------- writing files
@@ -302,3 +316,124 @@ def restore_rng_states(states):
     np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# ----------------------------------------------------------------------------- training statistics
+
+STATS_FILE = "stats.jsonl"
+LOSS_NAMES = ("lossG", "lossD", "err_recZ")
+
+
+class PeriodLosses:
+    """The losses of a checkpoint period, summed where they were computed (no synchronisation
+    with a GPU at each iteration): the mean and the last value of each."""
+
+    def __init__(self):
+        self.sums, self.counts, self.last = {}, {}, {}
+
+    def add(self, losses):
+        for name, value in losses.items():
+            self.sums[name] = self.sums.get(name, 0) + value.float()
+            self.counts[name] = self.counts.get(name, 0) + 1
+            self.last[name] = value
+
+    def last_values(self):
+        return {name: value.item() for name, value in self.last.items()}
+
+    def summary(self):
+        return {name: {"mean": (self.sums[name] / self.counts[name]).item(), "last": self.last[name].item()}
+                for name in LOSS_NAMES if name in self.sums}
+
+
+def json_number(value):
+    """NaN (no ground truth) is null in JSON."""
+    return None if value is None or math.isnan(value) else value
+
+
+def read_stats(path):
+    """The records of a stats.jsonl, and whether every line of it was a complete record."""
+    if not os.path.exists(path):
+        return [], False
+    records = []
+    with open(path, "rb") as f:
+        for line in f.read().splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                return records, False
+    return records, True
+
+
+def continue_stats(path, kept_lines, own_record):
+    """On resume: stats.jsonl as it was when the checkpoint was saved (its first kept_lines
+    records, the last being the checkpoint's own record). A missing or damaged file is one
+    warning; the log then continues from the records that could be read, up to the
+    checkpoint's own record (kept in the checkpoint), which is written again."""
+    records, whole = read_stats(path)
+    if whole and len(records) >= kept_lines and records[kept_lines - 1:kept_lines] == [own_record]:
+        truncate_lines(path, kept_lines)
+        return records[:kept_lines]
+    warn("%s: %s; continuing it from the checkpoint's own record" % (path, "missing" if not os.path.exists(path) else
+                                                                      "damaged or not this run's"))
+    records = [r for r in records if r.get("step", math.inf) < own_record["step"]] + [own_record]
+    atomic_write(path, lambda f: f.write(b"".join(json.dumps(r).encode() + b"\n" for r in records)))
+    return records
+
+
+def plot_curves(records, path, threshold=0.0):
+    """curves.png: the period means of the losses, each region's mean size on train and
+    validation (with the --autoRestart threshold), and accuracy / IoU, against iterations
+    trained (counted on across restarts, which are marked by dotted lines)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(8, 9))
+    FigureCanvasAgg(fig)
+    losses, sizes, scores = fig.subplots(3, 1, sharex=True)
+    steps = [r["step"] for r in records]
+    for name in LOSS_NAMES:
+        if any(name in r["losses"] for r in records):
+            losses.plot(steps, [r["losses"].get(name, {}).get("mean") for r in records], ".-", label=name)
+    losses.set_ylabel("loss (period mean)")
+    for split, style in (("train", ":"), ("val", "-")):
+        for k in range(len(records[0]["region_sizes"][split])):
+            sizes.plot(steps, [r["region_sizes"][split][k] for r in records], style, color="C%d" % k,
+                       label="region %d, %s" % (k, split))
+    if threshold > 0:
+        sizes.axhline(threshold, color="red", linewidth=0.8, label="--autoRestart")
+    sizes.set_ylabel("mean soft-mask size")
+    sizes.set_ylim(0, 1)
+    for key, style in (("val_iou", "-"), ("val_acc", "--"), ("train_iou", ":")):
+        scores.plot(steps, [r[key] if r[key] is not None else math.nan for r in records], style, label=key)
+    scores.set_ylabel("accuracy / IoU")
+    scores.set_ylim(0, 1)
+    scores.set_xlabel("iterations trained")
+    for axes in (losses, sizes, scores):
+        for r in records:
+            if "restart" in r["events"]:
+                axes.axvline(r["step"], color="red", linestyle=":", linewidth=1)
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90))
+
+
+def tensorboard_writer(outf, purge_step=None):
+    """A SummaryWriter on OUTF/tensorboard; TensorBoard is an optional dependency."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard: the tensorboard package is not installed (pip install tensorboard)") from None
+    return SummaryWriter(os.path.join(outf, "tensorboard"), purge_step=purge_step)
+
+
+def flat_scalars(record, prefix=""):
+    """'losses/lossG/mean': value, ... for every number of a stats record."""
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out.update(flat_scalars(value, prefix + key + "/"))
+        elif isinstance(value, list):
+            out.update({"%s%s/%d" % (prefix, key, k): v for k, v in enumerate(value) if isinstance(v, (int, float))})
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("iteration", "step"):
+            out[prefix + key] = value
+    return out

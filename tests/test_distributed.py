@@ -1,4 +1,5 @@
 """train.py under torchrun: DistributedDataParallel over 2 CPU processes (gloo)."""
+import json
 import os
 import socket
 import subprocess
@@ -82,6 +83,8 @@ def test_two_processes_match_one_process_with_the_whole_batch(minidata_root, tmp
         assert [line.split()[0] for line in ours] == [line.split()[0] for line in theirs] == ["2", "4"], name
         np.testing.assert_allclose([[float(v) for v in line.split()] for line in ours],
                                    [[float(v) for v in line.split()] for line in theirs], rtol=0, atol=1e-4)
+    # stats.jsonl written once, by rank 0: a record per checkpoint
+    assert [json.loads(line)["iteration"] for line in (ddp / "stats.jsonl").read_text().splitlines()] == [2, 4]
     rank0, rank1 = torch.load(ddp / "rank0.pt"), torch.load(ddp / "rank1.pt")
     # each rank trains on its own half of every global batch that one process takes whole
     assert len(rank0["batches"]) == len(rank1["batches"]) == len(single_batches) == 8  # 4 iterations, 2 streams

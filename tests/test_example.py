@@ -53,7 +53,7 @@ def test_score_prints_the_evaluate_scores_over_the_whole_split(minidata_root, tm
     state = utils.load_checkpoint(fixture_path("redo_small_netM_state.pth"))
     netEncM = utils.load_nets(state, ["netEncM"]).netEncM
     loader = torch.utils.data.DataLoader(datasets.make_dataset("cub", str(minidata_root / "cub"), "val"), batch_size=3)
-    ref_acc, ref_iou, _ = utils.evaluate(netEncM, loader, "cpu")
+    ref_acc, ref_iou, _, _ = utils.evaluate(netEncM, loader, "cpu")
     assert acc == pytest.approx(ref_acc, abs=1e-4) and iou == pytest.approx(ref_iou, abs=1e-4)
 
 

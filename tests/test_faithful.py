@@ -101,7 +101,7 @@ class _Lookup(torch.nn.Module):
 def test_evaluate_reproduces_the_original_scores(vectors):
     metric = vectors["metric"]
     loader = [(torch.tensor(batch), metric["mData"][batch]) for batch in metric["batches"]]
-    acc, iou, min_size = utils.evaluate(_Lookup(metric["mPred"]), loader, "cpu")
+    acc, iou, min_size, _ = utils.evaluate(_Lookup(metric["mPred"]), loader, "cpu")
     assert acc == pytest.approx(metric["acc"], abs=1e-6)
     assert iou == pytest.approx(metric["iou"], abs=1e-6)
     assert min_size == pytest.approx(metric["minRegionSize"], abs=1e-6)

@@ -13,6 +13,7 @@ import torch
 import train
 import utils
 from conftest import PROCESS_ENV, ROOT, SMALL_RUN, run_process, run_script
+from test_stats import trained
 
 SEEDED_RUN = ["--dataset", "flowers", "--checkpointFreq", 2, "--manualSeed", 4, "--clean"] + SMALL_RUN
 
@@ -76,6 +77,8 @@ def test_run_killed_at_random_moments_and_resumed_ends_bit_for_bit_as_uninterrup
     assert_same_checkpoint(whole, resumed)
     for name in ("train.dat", "val.dat"):
         assert (outf / name).read_text() == (tmp_path / "whole" / name).read_text(), kills
+    whole_log, resumed_log = (utils.read_stats(folder / "stats.jsonl") for folder in (tmp_path / "whole", outf))
+    assert resumed_log[1] and [trained(r) for r in resumed_log[0]] == [trained(r) for r in whole_log[0]], kills
 
 
 def test_resume_restores_streams_rng_and_sample_grid(minidata_root, tmp_path):

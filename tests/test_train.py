@@ -18,6 +18,7 @@ import utils
 from conftest import (SMALL_RUN, assert_weights_retrace, fixture_path, grid_size, original_run_flowers, read_dat,
                       run_process, run_script)
 
+RUN_LOGS = ["curves.png", "stats.jsonl"]  # what we write beside the original's files
 STATE_KEYS = {"netEncM", "netGenX", "netDX", "netRecZ", "optimizerEncM", "optimizerGenX", "optimizerDX",
               "optimizerRecZ", "options"}
 
@@ -29,8 +30,8 @@ def test_training_writes_the_original_files(dataset, minidata_root, tmp_path):
     result = run("train.py", "--dataset", dataset, "--dataroot", minidata_root / dataset, "--outf", outf,
                  "--nIteration", 3, "--checkpointFreq", 2, "--manualSeed", 3, "--clean", *SMALL_RUN, cwd=tmp_path)
     assert result.stdout == ""  # --silent
-    assert sorted(os.listdir(outf)) == ["best.pth", "options.pth", "out_00002.png", "out_00004.png",
-                                        "state_00004.pth", "train.dat", "val.dat"]
+    assert sorted(os.listdir(outf)) == sorted(["best.pth", "options.pth", "out_00002.png", "out_00004.png",
+                                               "state_00004.pth", "train.dat", "val.dat", *RUN_LOGS])
     for name in ("out_00002.png", "out_00004.png"):
         with Image.open(outf / name) as img:
             assert img.size == grid_size(nTest=2, nMasks=2) and img.mode == "RGB"
@@ -76,7 +77,7 @@ def test_seeded_run_retraces_the_original(tmp_path, threads):
     # any positive number of workers draws the original's random numbers (it always used 4)
     run_script("train.py", *original["flags"], "--dataroot", original_run_flowers(tmp_path), "--outf", outf,
                "--workers", 1, "--device", "cpu", cwd=tmp_path)
-    assert sorted(os.listdir(outf)) == original["files"]
+    assert sorted(os.listdir(outf)) == sorted(original["files"] + RUN_LOGS)  # the original's, and our logs
     assert_dat_files_equal(outf, original)
     # Our convolutions sum in another order than the original's, and Adam with beta1 = 0
     # turns a gradient at rounding level into an lr-sized step, which six steps amplify.
@@ -111,7 +112,7 @@ def test_checkpoint_of_the_original_continues_as_the_original_continues_it(tmp_p
     assert not hasattr(saved, "amp") and not hasattr(saved, "cacheData")  # the original's own options
     run_script("train.py", *original["flags"], *original["continued"], "--dataroot", original_run_flowers(tmp_path),
                "--outf", outf, "--workers", 1, "--device", "cpu", cwd=tmp_path)
-    assert sorted(os.listdir(outf)) == original["files"]
+    assert sorted(os.listdir(outf)) == sorted(original["files"] + RUN_LOGS)  # the original's, and our logs
     assert_dat_files_equal(outf, original)
     state = utils.load_checkpoint(outf / "state_00004.pth")
     assert {s["step"].item() for s in state["optimizerGenX"]["state"].values()} == {4}  # its Adam went on

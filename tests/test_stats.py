@@ -1,0 +1,130 @@
+"""What a run records as it trains: stats.jsonl, curves.png, TensorBoard, the lines it prints."""
+import json
+import os
+import sys
+
+import pytest
+from PIL import Image
+
+from conftest import SMALL_RUN, one_line_error, read_dat, run_script
+
+RUN = ["--dataset", "flowers", "--checkpointFreq", 2, "--manualSeed", 4, "--autoRestart", 0.01] + SMALL_RUN
+KEYS = {"iteration", "step", "seconds", "period_seconds", "score_seconds", "iterations_per_second",
+        "images_per_second", "losses", "region_sizes", "train_acc", "train_iou", "val_acc", "val_iou", "events",
+        "peak_memory_mb"}
+
+
+def records(outf):
+    with open(outf / "stats.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def trained(record):
+    """What a record says of the training itself (not of time, memory or resuming)."""
+    return {key: record[key] for key in ("iteration", "step", "losses", "region_sizes", "train_acc", "train_iou",
+                                         "val_acc", "val_iou")}
+
+
+def test_one_record_per_checkpoint_and_a_curves_picture(minidata_root, tmp_path):
+    outf = tmp_path / "out"
+    run_script("train.py", *RUN, "--dataroot", minidata_root / "flowers", "--nIteration", 3, "--outf", outf,
+               cwd=tmp_path)
+    first = (outf / "curves.png").read_bytes()
+    run_script("train.py", "--resume", "--nIteration", 5, "--outf", outf, "--silent", cwd=tmp_path)
+    log = records(outf)
+    assert [r["iteration"] for r in log] == [row[0] for row in read_dat(outf / "val.dat")] == [2, 4, 6]
+    assert [r["step"] for r in log] == [2, 4, 6]
+    assert [r["events"] for r in log] == [[], [], ["resume"]]
+    for r in log:
+        assert set(r) == KEYS
+        assert set(r["losses"]) == {"lossG", "lossD", "err_recZ"}
+        assert all(set(v) == {"mean", "last"} for v in r["losses"].values())
+        assert [len(r["region_sizes"][split]) for split in ("train", "val")] == [2, 2]
+        assert sum(r["region_sizes"]["val"]) == pytest.approx(1, abs=1e-4)
+        assert r["iterations_per_second"] > 0 and r["images_per_second"] == pytest.approx(
+            2 * r["iterations_per_second"], rel=1e-3)
+    assert [r["val_iou"] for r in log] == [row[2] for row in read_dat(outf / "val.dat")]
+    assert log[0]["seconds"] < log[1]["seconds"] < log[2]["seconds"]
+    with Image.open(outf / "curves.png") as picture:
+        assert picture.format == "PNG" and picture.size[0] > 500
+    assert (outf / "curves.png").read_bytes() != first  # redrawn with the new record
+
+
+def test_the_log_resumes_as_an_uninterrupted_run_wrote_it(minidata_root, tmp_path):
+    """Stopped after scoring iteration 6 but before saving its checkpoint: the resumed run
+    drops that record and writes it again, so that no record is repeated or missing."""
+    data = ["--dataroot", minidata_root / "flowers"]
+    run_script("train.py", *RUN, *data, "--nIteration", 7, "--outf", tmp_path / "whole", cwd=tmp_path)
+    outf = tmp_path / "parts"
+    run_script("train.py", *RUN, *data, "--nIteration", 5, "--outf", outf, cwd=tmp_path)
+    os.remove(outf / "state_00006.pth")  # as if killed while saving it
+    run_script("train.py", "--resume", "--nIteration", 7, "--outf", outf, "--silent", cwd=tmp_path)
+    whole, parts = records(tmp_path / "whole"), records(outf)
+    assert [trained(r) for r in parts] == [trained(r) for r in whole]
+    assert [r["events"] for r in parts] == [[], [], ["resume"], []]
+
+
+@pytest.mark.parametrize("damage", ["half line", "missing"])
+def test_a_damaged_log_is_one_warning_and_continues_from_the_checkpoints_record(damage, minidata_root, tmp_path):
+    outf = tmp_path / "out"
+    run_script("train.py", *RUN, "--dataroot", minidata_root / "flowers", "--nIteration", 3, "--outf", outf,
+               cwd=tmp_path)
+    before = records(outf)
+    if damage == "missing":
+        os.remove(outf / "stats.jsonl")
+    else:
+        with open(outf / "stats.jsonl", "a") as f:
+            f.write('{"iteration": 6, "ste')
+    result = run_script("train.py", "--resume", "--nIteration", 5, "--outf", outf, "--silent", cwd=tmp_path)
+    what = "missing" if damage == "missing" else "damaged or not this run's"
+    assert result.stderr.splitlines() == ["warning: %s: %s; continuing it from the checkpoint's own record"
+                                          % (outf / "stats.jsonl", what)]
+    after = records(outf)
+    assert [r["iteration"] for r in after] == ([4, 6] if damage == "missing" else [2, 4, 6])
+    assert after[-2] == before[-1]  # the checkpoint's own record, as it was written
+
+
+def test_each_checkpoint_prints_a_summary_line(minidata_root, tmp_path):
+    args = ["--dataroot", minidata_root / "flowers", "--nIteration", 1, "--outf", tmp_path / "out"]
+    result = run_script("train.py", *[a for a in RUN if a != "--silent"], *args, cwd=tmp_path)
+    line, = [line for line in result.stdout.splitlines() if line.startswith("iteration 2: ")]
+    record, = records(tmp_path / "out")
+    assert "lossG %.3f lossD %.3f err_recZ %.3f" % tuple(record["losses"][k]["mean"] for k in
+                                                          ("lossG", "lossD", "err_recZ")) in line
+    assert "region sizes train %.2f %.2f, val %.2f %.2f" % tuple(record["region_sizes"]["train"] +
+                                                                  record["region_sizes"]["val"]) in line
+    assert "val IoU %.4f" % record["val_iou"] in line and " it/s" in line
+    assert "scoring train" in result.stderr and "scoring val" in result.stderr  # progress while scoring
+
+
+def tensorboard_or_skip():
+    """TensorBoard's own reader; CI installs tensorboard, so the test never skips there."""
+    if os.environ.get("CI"):
+        import tensorboard  # noqa: F401
+    return pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+
+
+def test_tensorboard_gets_the_same_scalars_and_the_sample_grid(minidata_root, tmp_path):
+    event_accumulator = tensorboard_or_skip()
+    outf = tmp_path / "out"
+    run_script("train.py", *RUN, "--dataroot", minidata_root / "flowers", "--nIteration", 3, "--outf", outf,
+               "--tensorboard", cwd=tmp_path)
+    run_script("train.py", "--resume", "--nIteration", 5, "--outf", outf, "--silent", cwd=tmp_path)
+    events = event_accumulator.EventAccumulator(str(outf / "tensorboard"))
+    events.Reload()
+    log = records(outf)
+    assert set(events.Tags()["scalars"]) >= {"losses/lossG/mean", "losses/lossD/last", "val_iou",
+                                              "region_sizes/val/1", "iterations_per_second"}
+    lossG = events.Scalars("losses/lossG/mean")
+    assert [e.step for e in lossG] == [r["step"] for r in log]
+    assert [e.value for e in lossG] == pytest.approx([r["losses"]["lossG"]["mean"] for r in log], rel=1e-6)
+    assert [e.step for e in events.Images("sample_grid")] == [2, 4, 6]
+
+
+def test_tensorboard_not_installed_is_one_line_before_training(minidata_root, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
+    result = run_script("train.py", *RUN, "--dataroot", minidata_root / "flowers", "--outf", tmp_path / "out",
+                        "--tensorboard", cwd=tmp_path, check=False)
+    assert one_line_error(result) == ("error: --tensorboard: the tensorboard package is not installed "
+                                      "(pip install tensorboard)")
+    assert not (tmp_path / "out" / "stats.jsonl").exists() and not list((tmp_path / "out").glob("state_*"))
