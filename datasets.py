@@ -414,10 +414,11 @@ class InMemoryDataset(torch.utils.data.Dataset):
 
 # ----------------------------------------------------------------------------- batches for training
 
-def make_loader(dataset, batch_size, workers):
-    """Shuffled batches, the last incomplete one dropped, as every loader of the original."""
+def make_loader(dataset, batch_size, workers, pin_memory=False):
+    """Shuffled batches, the last incomplete one dropped, as every loader of the original.
+    pin_memory: batches in page-locked memory, for asynchronous copies to a GPU."""
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
-                                       drop_last=True)
+                                       drop_last=True, pin_memory=pin_memory)
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -470,11 +471,12 @@ class ShardedBatchSampler(torch.utils.data.Sampler):
 class BatchStream:
     """Endless shuffled batches of a dataset, a new epoch whenever one ends, resumable."""
 
-    def __init__(self, dataset, batch_size, workers, state=None, rank=0, world=1):
+    def __init__(self, dataset, batch_size, workers, state=None, rank=0, world=1, pin_memory=False):
         self.sampler = EpochSampler(len(dataset))
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=ShardedBatchSampler(self.sampler, batch_size, rank, world), num_workers=workers,
-            worker_init_fn=functools.partial(seed_worker_for_rank, rank=rank) if world > 1 else None)
+            worker_init_fn=functools.partial(seed_worker_for_rank, rank=rank) if world > 1 else None,
+            pin_memory=pin_memory)
         self.consumed = 0  # batches of the current epoch
         if state is not None:
             self.sampler.resume(state["epoch_seed"], state["batches_consumed"] * batch_size)

@@ -209,11 +209,15 @@ class _ChunkedAttention(torch.autograd.Function):
         return tuple(g.to(t.dtype) for g, t in zip((grad_q, grad_k, grad_v), saved))
 
 
-def attention(q, k, v):
-    """softmax(q k^T) v (no scaling, one head): q (B, N, d), k (B, M, d), v (B, M, c)."""
+def attention(q, k, v, sdpa=None):
+    """softmax(q k^T) v (no scaling, one head): q (B, N, d), k (B, M, d), v (B, M, c).
+    sdpa: torch's fused scaled_dot_product_attention (default on GPUs) rather than our
+    cache-blocked CPU kernel; either runs on any device, the same math."""
     if torch.compiler.is_compiling():  # the compiler fuses the plain formula itself
         return torch.softmax(q @ k.transpose(1, 2), dim=-1) @ v
-    if q.device.type == "cpu":
+    if sdpa is None:
+        sdpa = q.device.type != "cpu"
+    if not sdpa:
         return _ChunkedAttention.apply(q, k, v)
     return F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), scale=1.0).squeeze(1)
 

@@ -9,7 +9,9 @@ import glob
 import json
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -454,7 +456,8 @@ class TrainingRun:
         utils.seed_everything(opt.manualSeed)
         splits = {split: self.load_split(split) for split in datasets.SPLITS}
         check_split_sizes(splits, opt)
-        self.trainloader = datasets.make_loader(splits["train"], opt.batchSize, opt.workers)
+        self.pin_memory = self.device.type == "cuda"  # batches copied to the GPU while it computes
+        self.trainloader = datasets.make_loader(splits["train"], opt.batchSize, opt.workers, self.pin_memory)
         self.nets = self.build_nets()
         self.optimizers = make_optimizers(self.nets, opt)
         self.modules = self.dist.step_modules(self.nets)
@@ -470,8 +473,8 @@ class TrainingRun:
             self.grid = SampleGrid.draw(splits["test"], opt, self.device)
         else:
             self.grid = SampleGrid(**{k: v.to(self.device) for k, v in resume["sampleGrid"].items()})
-        self.valloader = datasets.make_loader(splits["val"], opt.batchSize, opt.workers)
-        shard = dict(rank=self.dist.rank, world=self.dist.world)
+        self.valloader = datasets.make_loader(splits["val"], opt.batchSize, opt.workers, self.pin_memory)
+        shard = dict(rank=self.dist.rank, world=self.dist.world, pin_memory=self.pin_memory)
         self.genData = datasets.BatchStream(splits["train"], opt.batchSize, opt.workers,
                                             resume and resume["genData"], **shard)
         self.disData = datasets.BatchStream(splits["train"], opt.batchSize, opt.workers,
@@ -493,6 +496,10 @@ class TrainingRun:
                                                         if self.stats else None)
         self.events = ["resume"] if start is not None else []
         self.start_period()
+        if resume is not None and "period" in resume:  # stopped between two checkpoints
+            self.period_losses.load_state_dict(resume["period"]["losses"])
+            self.period_iterations = resume["period"]["iterations"]
+            self.period_start -= resume["period"]["seconds"]
 
     def continue_stats(self, resume):
         """stats.jsonl as it was at the checkpoint resumed from (one written before this log
@@ -544,7 +551,8 @@ class TrainingRun:
 
     def train_one_iteration(self):
         opt = self.opt
-        xData, xReal = next(self.genData)[0].to(self.device), next(self.disData)[0].to(self.device)
+        xData = next(self.genData)[0].to(self.device, non_blocking=True)
+        xReal = next(self.disData)[0].to(self.device, non_blocking=True)
         # the noise of the whole batch, drawn alike on every rank; each takes its own share
         zData = torch.randn((xData.size(0) * self.dist.world, opt.nMasks, opt.nz, 1, 1), device=self.device)
         zData = zData[self.dist.rank * xData.size(0):(self.dist.rank + 1) * xData.size(0)]
@@ -608,6 +616,7 @@ class TrainingRun:
         utils.append_line(os.path.join(opt.outf, utils.STATS_FILE), json.dumps(record))
         self.stats.append(record)
         self.events = []
+        self.start_period()
         utils.plot_curves(self.stats, os.path.join(opt.outf, "curves.png"), opt.autoRestart)
         if self.tensorboard is not None:
             for name, value in utils.flat_scalars(record).items():
@@ -616,11 +625,12 @@ class TrainingRun:
             self.tensorboard.flush()
         self.log(summary_line(record))
 
-    def save_checkpoint(self, val_iou):
+    def save_checkpoint(self, val_iou=None):
         """state_%05d.pth and options.pth; best.pth when the validation IoU is the best so
-        far; with --clean, the previous state file goes once the new one is complete."""
+        far (none for a checkpoint between two periods, when the run is stopped); with
+        --clean, the previous state files of the period go once the new one is complete."""
         opt = self.opt
-        is_best = opt.bestValIoU < val_iou
+        is_best = val_iou is not None and opt.bestValIoU < val_iou
         if is_best:
             opt.bestValIoU = val_iou
         state = self.state_dict()
@@ -628,9 +638,10 @@ class TrainingRun:
         utils.atomic_save(opt, os.path.join(opt.outf, "options.pth"))
         if is_best:
             utils.atomic_save(state, os.path.join(opt.outf, "best.pth"))
-        previous = state_path(opt, opt.iteration - opt.checkpointFreq)
-        if opt.clean and opt.iteration > opt.checkpointFreq and os.path.exists(previous):
-            os.remove(previous)
+        if opt.clean and opt.iteration > opt.checkpointFreq:
+            for iteration in range(opt.iteration - opt.checkpointFreq, opt.iteration):
+                if os.path.exists(state_path(opt, iteration)):
+                    os.remove(state_path(opt, iteration))
 
     def state_dict(self):
         """The original's keys, and under 'resume' what continuing exactly needs."""
@@ -642,7 +653,9 @@ class TrainingRun:
             "sampleGrid": self.grid.state_dict(), "rng": utils.rng_states(),
             "datLines": {name: utils.count_lines(os.path.join(self.opt.outf, name))
                          for name in DAT_FILES + (utils.STATS_FILE,)},
-            "stats": self.stats[-1] if self.stats else None}
+            "stats": self.stats[-1] if self.stats else None,
+            "period": {"iterations": self.period_iterations, "losses": self.period_losses.state_dict(),
+                       "seconds": time.perf_counter() - self.period_start}}
         return state
 
     # -------------------------------------------------------------- every rank
@@ -655,6 +668,21 @@ class TrainingRun:
         self.optimizers = make_optimizers(self.nets, self.opt)
         self.modules = self.dist.step_modules(self.nets)
         self.opt.iteration = 0
+
+    def stop(self, signum):
+        """Asked to stop (SIGINT, SIGTERM): a checkpoint of this very iteration, unless the
+        period's checkpoint was just written, and one line on how to continue."""
+        opt = self.opt
+        if self.dist.is_main:
+            if opt.iteration % opt.checkpointFreq:
+                self.save_checkpoint()
+            by = signal.Signals(signum).name if signum else "another process"
+            if os.path.exists(state_path(opt, opt.iteration)):
+                print("stopped by %s at iteration %d: %s holds it; continue with: python train.py --resume --outf %s"
+                      % (by, opt.iteration, state_path(opt, opt.iteration), opt.outf), file=sys.stderr)
+            else:
+                print("stopped by %s before training began" % by, file=sys.stderr)
+        self.dist.barrier()
 
     def summary(self):
         """One line for the end of the run: the best checkpoint, the last one, what to run next."""
@@ -672,6 +700,33 @@ class TrainingRun:
         return ("done: %s; last checkpoint %s; segment with: python example_load_pretrained.py --statePath %s%s"
                 % (verdict, last, chosen, "" if not datasets.needs_dataroot(opt.dataset) else
                    " --dataroot %s" % opt.dataroot))
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler taking the machine back) ask the run to stop
+    after the iteration in progress: the handlers only note the signal, so that nothing is
+    interrupted halfway; a second signal while saving changes nothing (files are atomic)."""
+
+    signals = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signal = None
+        self.previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # where Python runs handlers
+            self.previous = {s: signal.signal(s, self.handle) for s in self.signals}
+        return self
+
+    def handle(self, signum, frame):
+        if self.signal is None and int(os.environ.get("RANK", "0")) == 0:
+            print("\n%s: stopping after this iteration, with a checkpoint" % signal.Signals(signum).name,
+                  file=sys.stderr)
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def summary_line(record):
@@ -737,35 +792,44 @@ def train(opt, start=None, dist=None):
     run = TrainingRun(opt, start, dist)
     del start  # its tensors are loaded; free them
     progress = None
-    while opt.iteration <= opt.nIteration:
-        progress = progress or tqdm(total=opt.checkpointFreq, disable=not dist.is_main or opt.silent)
-        run.train_one_iteration()
-        progress.update(1)
-        if opt.iteration % 10 == 0 and not progress.disable:
-            progress.set_postfix({name: "%.3f" % value for name, value in run.period_losses.last_values().items()})
-        if opt.iteration % opt.checkpointFreq:
-            continue
-        progress = progress.close()
-        decision = None
-        if dist.is_main:
-            scores = run.score()
-            grid = run.draw_sample_grid()
-            restart = run.collapse_restarts(scores)
-            run.record_statistics(scores, restart, grid)
-            if not restart:
-                run.save_checkpoint(scores["val"].iou)
-            decision = {"restart": restart, "bestValIoU": opt.bestValIoU, "rng": utils.rng_states()}
-        decision = dist.share(decision)
-        utils.restore_rng_states(decision["rng"])  # rank 0's evaluation loaders drew from it
-        if decision["restart"]:
-            run.restart()
-        opt.bestValIoU = decision["bestValIoU"]
-        run.start_period()
-    if progress is not None:
-        progress.close()
-    if run.tensorboard is not None:
-        run.tensorboard.close()
-    run.log(run.summary())
+    stopped = False
+    with StopRequest() as stop:
+        while opt.iteration <= opt.nIteration:
+            stopped = dist.any(stop.signal is not None)
+            if stopped:
+                break
+            progress = progress or tqdm(total=opt.checkpointFreq, disable=not dist.is_main or opt.silent)
+            run.train_one_iteration()
+            progress.update(1)
+            if opt.iteration % 10 == 0 and not progress.disable:
+                progress.set_postfix({name: "%.3f" % v for name, v in run.period_losses.last_values().items()})
+            if opt.iteration % opt.checkpointFreq:
+                continue
+            progress = progress.close()
+            decision = None
+            if dist.is_main:
+                scores = run.score()
+                grid = run.draw_sample_grid()
+                restart = run.collapse_restarts(scores)
+                run.record_statistics(scores, restart, grid)
+                if not restart:
+                    run.save_checkpoint(scores["val"].iou)
+                decision = {"restart": restart, "bestValIoU": opt.bestValIoU, "rng": utils.rng_states()}
+            else:
+                run.start_period()
+            decision = dist.share(decision)
+            utils.restore_rng_states(decision["rng"])  # rank 0's evaluation loaders drew from it
+            if decision["restart"]:
+                run.restart()
+            opt.bestValIoU = decision["bestValIoU"]
+        if progress is not None:
+            progress.close()
+        if run.tensorboard is not None:
+            run.tensorboard.close()
+        if stopped:
+            run.stop(stop.signal)
+        else:
+            run.log(run.summary())
     return run
 
 
@@ -821,6 +885,16 @@ class Distributed:
     def barrier(self):
         if self.world > 1:
             torch.distributed.barrier()
+
+    def any(self, flag):
+        """Whether any rank's flag is set (every rank gets the same answer: each stops at the
+        same iteration)."""
+        if self.world == 1:
+            return flag
+        device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+        tensor = torch.tensor([float(flag)], device=device)
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+        return bool(tensor.item())
 
     def close(self):
         if self.world > 1:

@@ -205,8 +205,8 @@ def evaluate(netEncM, loader, device, desc=None):
     sumAcc, sumIoU, nScored, mPred, sizes = 0.0, 0.0, 0, None, []
     with eval_mode(netEncM), torch.inference_mode():
         for xLoad, mLoad in tqdm(loader, desc=desc, leave=False, disable=desc is None):
-            mData = mLoad.to(device)
-            mPred = netEncM(xLoad.to(device))
+            mData = mLoad.to(device, non_blocking=True)
+            mPred = netEncM(xLoad.to(device, non_blocking=True))
             sizes.append(mPred.mean((0, 2, 3)))
             known = ~mData.isnan().flatten(1).any(1)
             if known.any():
@@ -298,24 +298,28 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def rng_states():
-    """Every generator a run draws from, in a form that loads with weights_only=True."""
+def rng_states(cuda=torch.cuda):
+    """Every generator a run draws from, in a form that loads with weights_only=True: with
+    CUDA, each GPU's generator too (`cuda`: torch.cuda, or a stand-in for tests)."""
     _, key, pos, has_gauss, gauss = np.random.get_state()
     states = {"python": random.getstate(), "torch": torch.get_rng_state(),
               "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
                         "gauss": gauss}}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+    if cuda.is_available():
+        states["cuda"] = cuda.get_rng_state_all()
     return states
 
 
-def restore_rng_states(states):
+def restore_rng_states(states, cuda=torch.cuda):
+    """Set every generator as rng_states() found it. GPU states are restored on the GPUs
+    that exist (a run saved on a GPU machine resumes on the CPU, or on fewer GPUs)."""
     random.setstate(states["python"])
     torch.set_rng_state(states["torch"])
     n = states["numpy"]
     np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if "cuda" in states and cuda.is_available():
+        for index, state in enumerate(states["cuda"][:cuda.device_count()]):
+            cuda.set_rng_state(state, index)
 
 
 # ----------------------------------------------------------------------------- training statistics
@@ -336,6 +340,12 @@ class PeriodLosses:
             self.sums[name] = self.sums.get(name, 0) + value.float()
             self.counts[name] = self.counts.get(name, 0) + 1
             self.last[name] = value
+
+    def state_dict(self):
+        return {"sums": dict(self.sums), "counts": dict(self.counts), "last": dict(self.last)}
+
+    def load_state_dict(self, state):
+        self.sums, self.counts, self.last = dict(state["sums"]), dict(state["counts"]), dict(state["last"])
 
     def last_values(self):
         return {name: value.item() for name, value in self.last.items()}

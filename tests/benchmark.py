@@ -6,6 +6,9 @@ the share of evaluation at checkpoints.
     python tests/benchmark.py --original ../ReDO                # also the original, for ratios
     python tests/benchmark.py --configs small --modes fp32,bf16 --iterations 5
     python tests/benchmark.py --original ../ReDO --modes fp32 --rounds 3  # medians of 3 rounds
+    python tests/benchmark.py --logging out/stats.jsonl   # cost of stats.jsonl and curves.png, from a run's log
+    python tests/benchmark.py --flops paper                # floating-point operations of one iteration
+    python tests/benchmark.py --data                       # the data loader alone
 
 --original points at a checkout of github mickaelChen/ReDO: its models.py is timed with
 its train.py's loop body, transcribed here step for step (original_iteration).
@@ -128,18 +131,18 @@ def measure_data(workers_list, n_images=96):
     decoded from disk at each epoch, and from the in-memory cache (--cacheData)."""
     import minidata
     import datasets
-    import train
     results = {}
     with tempfile.TemporaryDirectory() as root:
         minidata.make_flowers(root, n_train=n_images, n_val=2, n_test=2, size=(667, 500))
         dataset = datasets.make_dataset("flowers", root, "train")
-        for workers in workers_list:
-            results["from disk, %d workers" % workers] = loader_speed(train.make_loader(dataset, 20, workers))
         start = time.perf_counter()
         cached = datasets.InMemoryDataset(dataset, max(workers_list))
-        fill = time.perf_counter() - start
-        results["in memory (--cacheData), 0 workers"] = loader_speed(train.make_loader(cached, 20, 0))
-        results["filling the cache, images/s"] = len(dataset) / fill
+        results["filling the cache (%d workers)" % max(workers_list)] = len(dataset) / (time.perf_counter() - start)
+        for workers in workers_list:
+            for name, data in (("from JPEG files", dataset), ("from the cache (--cacheData)", cached)):
+                loader = datasets.make_loader(data, 20, workers)
+                loader_speed(loader)  # the workers' start-up and a first epoch
+                results["%s, %d workers" % (name, workers)] = loader_speed(loader)
     return results
 
 
@@ -160,6 +163,45 @@ def measure_evaluation(config, device):
     start = time.perf_counter()
     utils.evaluate(netEncM, batches, device)
     return (time.perf_counter() - start) / (5 * opt.batchSize)
+
+
+def measure_logging(stats_path, tensorboard=False):
+    """Replay a run's stats.jsonl: the seconds that writing each record and redrawing
+    curves.png (and TensorBoard) took, against the period the record describes."""
+    import utils
+    records, _ = utils.read_stats(stats_path)
+    if not records:
+        sys.exit("%s: no records" % stats_path)
+    shares = []
+    with tempfile.TemporaryDirectory() as folder:
+        writer = utils.tensorboard_writer(folder) if tensorboard else None
+        for k, record in enumerate(records, 1):
+            start = time.perf_counter()
+            utils.append_line(os.path.join(folder, utils.STATS_FILE), json.dumps(record))
+            utils.plot_curves(records[:k], os.path.join(folder, "curves.png"), 0.05)
+            if writer is not None:
+                for name, value in utils.flat_scalars(record).items():
+                    writer.add_scalar(name, value, record["step"])
+                writer.flush()
+            seconds = time.perf_counter() - start
+            shares.append((seconds, seconds / (record["period_seconds"] + record["score_seconds"])))
+    return shares
+
+
+def measure_flops(config):
+    """Floating-point operations of one training iteration (forward and backward of every
+    step), counted by torch.utils.flop_counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+    import models
+    import train
+    opt = options(config)
+    nets = models.build_nets(opt)
+    optimizers = train.make_optimizers(nets, opt, fused=False)
+    x = torch.rand(opt.batchSize, 3, 128, 128) * 2 - 1
+    z = torch.randn(opt.batchSize, opt.nMasks, opt.nz, 1, 1)
+    with FlopCounterMode(display=False) as counter:
+        train.training_iteration(nets, optimizers, x, x, z, opt, 0)
+    return counter.get_total_flops()
 
 
 def child(args):
@@ -193,10 +235,28 @@ def main():
                         "(the speed-up is the median of the rounds' ratios: robust to a shared machine's load)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--skip-data", action="store_true")
+    p.add_argument("--data", action="store_true", help="only the data loader's images/s")
+    p.add_argument("--logging", metavar="STATS_JSONL", help="only the cost of the statistics log, from a run's log")
+    p.add_argument("--tensorboard", action="store_true", help="with --logging: TensorBoard too")
+    p.add_argument("--flops", metavar="CONFIG", help="only the operations of one iteration of CONFIG")
     p.add_argument("--one", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
         return child(args)
+    if args.logging:
+        shares = measure_logging(args.logging, args.tensorboard)
+        print("%d records: writing one took %.3f s median, %.3f s at most: %.2f%% of its checkpoint period "
+              "median, %.2f%% at most" % (len(shares), statistics.median(s for s, _ in shares),
+                                         max(s for s, _ in shares), 100 * statistics.median(r for _, r in shares),
+                                         100 * max(r for _, r in shares)))
+        return
+    if args.data:
+        for name, value in measure_data([0, 2, 4]).items():
+            print("data loader, %s: %.0f images/s" % (name, value))
+        return
+    if args.flops:
+        print("%s: %.3f TFLOP per training iteration" % (args.flops, measure_flops(args.flops) / 1e12))
+        return
     print("device %s, torch %s, %d threads" % (args.device, torch.__version__, torch.get_num_threads()))
     print("| configuration | implementation | mode | s / iteration | images / s | peak memory (MB) | speed-up vs original |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
@@ -224,7 +284,7 @@ def main():
                 100 * eval_time / (eval_time + 500 * statistics.median(ours_fp32)))
         print("\nevaluate(): %.4f s per image (%s)%s\n" % (per_image, config, share))
     if not args.skip_data:
-        for name, value in measure_data([0, 2]).items():
+        for name, value in measure_data([0, 2, 4]).items():
             print("data loader, %s: %.0f images/s" % (name, value))
 
 

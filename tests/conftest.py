@@ -181,3 +181,15 @@ def training_options(*flags):
     """train.py's options for these flags, completed as a run completes them."""
     import train
     return train.resolve_options(train.make_parser().parse_args([str(f) for f in flags]))[0]
+
+
+@pytest.fixture(scope="session")
+def test_device():
+    """The device of the device-sensitive tests: REDO_TEST_DEVICE (cpu by default;
+    tests/gpu_check.py sets cuda). On CUDA, TF32 is turned off so that float32 means float32."""
+    device = torch.device(os.environ.get("REDO_TEST_DEVICE", "cpu"))
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            pytest.exit("REDO_TEST_DEVICE=%s but CUDA is not available" % device, returncode=2)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    return device

@@ -31,16 +31,16 @@ def assert_weights_close(state, reference, name):
     assert (diffs > 1e-5).float().mean() <= 1e-3, (name, (diffs > 1e-5).float().mean().item())
 
 
-def test_two_training_iterations_reproduce_the_original(vectors, fixture_options, threads):
-    nets = nets_from_states(fixture_options, vectors["init_nets"])
+def test_two_training_iterations_reproduce_the_original(vectors, fixture_options, threads, test_device):
+    nets = nets_from_states(fixture_options, vectors["init_nets"]).to(test_device)
     optimizers = train.make_optimizers(nets, fixture_options)
     for iteration, step in enumerate(vectors["steps"]):
-        losses = train.training_iteration(nets, optimizers, step["xData"], step["xReal"], step["zData"],
-                                          fixture_options, iteration)
+        xData, xReal, zData = (step[key].to(test_device) for key in ("xData", "xReal", "zData"))
+        losses = train.training_iteration(nets, optimizers, xData, xReal, zData, fixture_options, iteration)
         for key in ("lossG", "err_recZ", "lossD"):
             assert losses[key].item() == pytest.approx(step[key], rel=1e-4), (iteration, key)
     for name, net in nets.items():
-        assert_weights_close(net.state_dict(), vectors["final_nets"][name], name)
+        assert_weights_close({k: t.cpu() for k, t in net.state_dict().items()}, vectors["final_nets"][name], name)
 
 
 def test_adam_state_saved_by_the_original_resumes_in_our_fused_adam(fixture_options):
@@ -75,16 +75,16 @@ def test_adam_state_saved_by_the_original_resumes_in_our_fused_adam(fixture_opti
         torch.testing.assert_close(got.detach(), want, rtol=1e-6, atol=1e-7)
 
 
-def test_eval_outputs_of_the_final_nets(vectors, fixture_options, threads):
-    nets = nets_from_states(fixture_options, vectors["final_nets"])
+def test_eval_outputs_of_the_final_nets(vectors, fixture_options, threads, test_device):
+    nets = nets_from_states(fixture_options, vectors["final_nets"]).to(test_device)
     nets.eval()
-    x, z = vectors["eval_x"], vectors["eval_z"]
+    x, z = vectors["eval_x"].to(test_device), vectors["eval_z"].to(test_device)
     with torch.no_grad():
         masks = nets.netEncM(x)
         outputs = {"netEncM": masks, "netGenX": nets.netGenX(masks, z), "netDX": nets.netDX(x),
                    "netRecZ": nets.netRecZ(x)}
     for name, out in outputs.items():
-        torch.testing.assert_close(out, vectors["eval_" + name], rtol=0, atol=5e-4, msg=name)
+        torch.testing.assert_close(out.cpu(), vectors["eval_" + name], rtol=0, atol=5e-4, msg=name)
 
 
 class _Lookup(torch.nn.Module):

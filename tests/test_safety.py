@@ -2,6 +2,7 @@
 import errno
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -208,3 +209,44 @@ def test_resume_keeps_the_runs_clean_unless_told_otherwise(minidata_root, tmp_pa
                                           "run had --clean)"]
     assert sorted(p.name for p in outf.glob("state_*.pth")) == ["state_00006.pth", "state_00008.pth",
                                                                  "state_00010.pth"]
+
+
+@pytest.mark.parametrize("signals", [[signal.SIGTERM], [signal.SIGINT, signal.SIGINT]], ids=["SIGTERM", "Ctrl-C twice"])
+def test_a_signal_stops_the_run_with_a_checkpoint_of_that_iteration_and_resume_is_exact(signals, minidata_root,
+                                                                                         tmp_path):
+    """A scheduler's SIGTERM or Ctrl-C (a second one while saving) at a random moment: the run
+    finishes its iteration, writes a checkpoint of exactly that point, says how to resume,
+    and exits 0; --resume then ends as a run that was never stopped."""
+    args = [str(a) for a in SEEDED_RUN + ["--dataroot", minidata_root / "flowers", "--nIteration", 9]]
+    run_process("train.py", *args, "--outf", tmp_path / "whole", cwd=tmp_path)
+    outf = tmp_path / "stopped"
+    log = tmp_path / "stopped.log"
+    with open(log, "w") as output:
+        process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py")] + args + ["--outf", str(outf)],
+                                   cwd=tmp_path, stdout=output, stderr=output, env=PROCESS_ENV)
+        deadline = time.time() + 120
+        while not (outf / "state_00002.pth").exists() and process.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(random.Random(len(signals)).uniform(0, 0.5))
+        for signum in signals:
+            process.send_signal(signum)
+            time.sleep(0.05)
+        returncode = process.wait(timeout=120)
+    text = log.read_text()
+    assert returncode == 0, text
+    stopped = re.search(r"stopped by (\w+) at iteration (\d+): (\S+) holds it; continue with: python train.py "
+                        r"--resume --outf (\S+)", text)
+    assert stopped, text
+    assert stopped.group(1) == signal.Signals(signals[0]).name and stopped.group(4) == str(outf)
+    iteration = int(stopped.group(2))
+    assert 2 <= iteration < 10 and stopped.group(3) == str(outf / ("state_%05d.pth" % iteration))
+    assert utils.load_checkpoint(stopped.group(3))["options"].iteration == iteration
+    assert "Traceback" not in text
+    run_process("train.py", "--resume", "--outf", outf, cwd=tmp_path)
+    assert_same_checkpoint(utils.load_checkpoint(tmp_path / "whole" / "state_00010.pth"),
+                           utils.load_checkpoint(outf / "state_00010.pth"))
+    for name in ("train.dat", "val.dat"):
+        assert (outf / name).read_text() == (tmp_path / "whole" / name).read_text(), iteration
+    whole_log, resumed_log = (utils.read_stats(folder / "stats.jsonl")[0] for folder in (tmp_path / "whole", outf))
+    assert [trained(r) for r in resumed_log] == [trained(r) for r in whole_log], iteration
+    assert sorted(p.name for p in outf.glob("state_*.pth")) == ["state_00010.pth"]  # --clean kept its word

@@ -1,0 +1,128 @@
+"""Every branch the code takes by device type, exercised on the CPU; the same tests run on a
+GPU with REDO_TEST_DEVICE=cuda (tests/gpu_check.py)."""
+
+import pytest
+import torch
+
+import models
+import train
+import utils
+from conftest import SMALL_RUN, fixture_path, run_process, run_script
+
+
+def test_sdpa_attention_gives_the_cpu_kernels_numbers(test_device):
+    """The GPU path (torch's scaled_dot_product_attention) and the CPU path (our blocked
+    kernel), forward and backward, on the same inputs, at the generator's 32x32 attention."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, n, d, generator=g).to(test_device).requires_grad_()
+               for n, d in ((1024, 4), (256, 4), (256, 8)))
+    grad = torch.randn(2, 1024, 8, generator=g).to(test_device)
+    outputs = {}
+    for sdpa in (True, False):
+        out = models.attention(q, k, v, sdpa=sdpa)
+        outputs[sdpa] = (out,) + torch.autograd.grad(out, (q, k, v), grad)
+    for fused, blocked in zip(outputs[True], outputs[False]):
+        torch.testing.assert_close(fused, blocked, rtol=1e-4, atol=1e-5)
+    assert models.attention(q, k, v).device == test_device
+
+
+class TwoFakeGPUs:
+    """torch.cuda's random-state functions for a machine with two GPUs."""
+
+    def __init__(self):
+        self.states = [torch.arange(8, dtype=torch.uint8) + i for i in range(2)]
+
+    def is_available(self):
+        return True
+
+    def device_count(self):
+        return len(self.states)
+
+    def get_rng_state_all(self):
+        return [s.clone() for s in self.states]
+
+    def set_rng_state(self, state, index):
+        self.states[index] = state.clone()
+
+
+def test_random_states_of_every_gpu_are_saved_and_restored(tmp_path):
+    gpus = TwoFakeGPUs()
+    states = utils.rng_states(cuda=gpus)
+    torch.save(states, tmp_path / "rng.pth")
+    saved = [s.clone() for s in gpus.states]
+    gpus.states = [torch.zeros(8, dtype=torch.uint8)] * 2
+    loaded = torch.load(tmp_path / "rng.pth")  # weights_only, as checkpoints load
+    utils.restore_rng_states(loaded, cuda=gpus)
+    assert all(torch.equal(a, b) for a, b in zip(gpus.states, saved))
+    one_gpu = TwoFakeGPUs()
+    one_gpu.states = one_gpu.states[:1]  # a run saved on 2 GPUs resumed on 1
+    utils.restore_rng_states(loaded, cuda=one_gpu)
+    assert torch.equal(one_gpu.states[0], saved[0])
+
+
+def test_real_gpu_random_states_round_trip(test_device):
+    if test_device.type != "cuda":
+        pytest.skip("needs CUDA (REDO_TEST_DEVICE=cuda)")
+    states = utils.rng_states()
+    first = torch.rand(3, device=test_device)
+    utils.restore_rng_states(states)
+    assert torch.equal(torch.rand(3, device=test_device), first)
+
+
+def test_checkpoints_load_onto_the_target_device():
+    """Every tensor of a checkpoint saved from cuda:0, optimizer states included, is mapped
+    to the device asked for (here 'meta', a device without memory, which any machine has)."""
+    state = utils.load_checkpoint(fixture_path("original_state_00002.pth"), "meta")
+    tensors = [t for key in state if key.startswith(("net", "optimizer")) for t in _tensors(state[key])]
+    assert len(tensors) > 100 and all(t.device.type == "meta" for t in tensors)
+
+
+def _tensors(tree):
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        return [t for v in tree.values() for t in _tensors(v)]
+    if isinstance(tree, (list, tuple)):
+        return [t for v in tree for t in _tensors(v)]
+    return []
+
+
+def test_cudnn_picks_its_fastest_convolutions_on_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    train.tune_for_device(torch.device("cuda"))
+    assert torch.backends.cudnn.benchmark
+
+
+def test_a_run_on_the_device_pins_its_batches_and_continues_a_cpu_checkpoint(minidata_root, tmp_path, test_device):
+    """Batches in page-locked memory for a GPU (not on the CPU); a checkpoint saved on the
+    CPU continues on the device with its nets and Adam states there."""
+    outf = tmp_path / "out"
+    flags = ["--dataset", "flowers", "--dataroot", str(minidata_root / "flowers"), "--outf", str(outf),
+             "--checkpointFreq", "2", "--manualSeed", "3", *SMALL_RUN]
+    run_script("train.py", *flags, "--nIteration", 1, cwd=tmp_path)
+    on_device = [a if a != "cpu" else str(test_device) for a in flags]
+    opt, start = train.resolve_options(train.make_parser().parse_args(on_device + ["--iteration", "2"]))
+    run = train.TrainingRun(opt, start)
+    assert run.trainloader.pin_memory == run.genData.loader.pin_memory == (test_device.type == "cuda")
+    if test_device.type == "cuda":
+        assert next(iter(run.trainloader))[0].is_pinned()
+    run.train_one_iteration()
+    for optimizer in run.optimizers.values():
+        for param, param_state in optimizer.state.items():
+            assert param.device.type == param_state["exp_avg"].device.type == test_device.type
+    assert all(t.device.type == test_device.type for _, net in run.nets.items() for t in net.state_dict().values())
+
+
+def test_peak_memory_is_the_devices(test_device):
+    peak = train.peak_memory_mb(test_device)
+    assert peak is not None and peak > 0
+    if test_device.type == "cuda":
+        assert peak == torch.cuda.max_memory_allocated(test_device) / 2**20
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_gpu_check_says_in_one_line_that_there_is_no_cuda(tmp_path):
+    result = run_process("tests/gpu_check.py", "--out", tmp_path / "report", cwd=tmp_path, check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith("gpu_check: CUDA is not available on this machine")
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "report").exists()
