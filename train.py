@@ -682,12 +682,13 @@ class TrainingRun:
                       % (by, opt.iteration, state_path(opt, opt.iteration), opt.outf), file=sys.stderr)
             else:
                 print("stopped by %s before training began" % by, file=sys.stderr)
+            self.log(self.summary())
         self.dist.barrier()
 
     def summary(self):
         """One line for the end of the run: the best checkpoint, the last one, what to run next."""
         opt = self.opt
-        last = state_path(opt, opt.iteration - opt.iteration % opt.checkpointFreq)
+        last = max(checkpoint_files(opt.outf), key=os.path.getmtime, default="none")
         val = [line.split() for line in open(os.path.join(opt.outf, "val.dat"))] \
             if os.path.exists(os.path.join(opt.outf, "val.dat")) else []
         best = [row[0] for row in val if float(row[2]) == opt.bestValIoU]
