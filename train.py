@@ -638,8 +638,8 @@ class TrainingRun:
         utils.atomic_save(opt, os.path.join(opt.outf, "options.pth"))
         if is_best:
             utils.atomic_save(state, os.path.join(opt.outf, "best.pth"))
-        if opt.clean and opt.iteration > opt.checkpointFreq:
-            for iteration in range(opt.iteration - opt.checkpointFreq, opt.iteration):
+        if opt.clean:
+            for iteration in range(max(opt.iteration - opt.checkpointFreq, 1), opt.iteration):
                 if os.path.exists(state_path(opt, iteration)):
                     os.remove(state_path(opt, iteration))
 
@@ -689,15 +689,15 @@ class TrainingRun:
         """One line for the end of the run: the best checkpoint, the last one, what to run next."""
         opt = self.opt
         last = max(checkpoint_files(opt.outf), key=os.path.getmtime, default="none")
-        val = [line.split() for line in open(os.path.join(opt.outf, "val.dat"))] \
-            if os.path.exists(os.path.join(opt.outf, "val.dat")) else []
-        best = [row[0] for row in val if float(row[2]) == opt.bestValIoU]
+        val = utils.read_dat(os.path.join(opt.outf, "val.dat"))
+        best = [iteration for iteration, _, iou in val if iou == opt.bestValIoU]
+        chosen = os.path.join(opt.outf, "best.pth") if best else last
         if best:
-            chosen = os.path.join(opt.outf, "best.pth")
-            verdict = "best validation IoU %.4f at iteration %s (%s)" % (opt.bestValIoU, best[0], chosen)
-        else:
-            chosen = last
+            verdict = "best validation IoU %.4f at iteration %d (%s)" % (opt.bestValIoU, best[0], chosen)
+        elif val:
             verdict = "no validation IoU (no ground-truth masks), so no best.pth"
+        else:
+            verdict = "no checkpoint scored yet"
         return ("done: %s; last checkpoint %s; segment with: python example_load_pretrained.py --statePath %s%s"
                 % (verdict, last, chosen, "" if not datasets.needs_dataroot(opt.dataset) else
                    " --dataroot %s" % opt.dataroot))

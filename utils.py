@@ -276,6 +276,14 @@ def load_options(path):
     return opt
 
 
+def read_dat(path):
+    """The rows of train.dat or val.dat, [iteration, accuracy, IoU] (none if there is no file)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [[int(row[0]), float(row[1]), float(row[2])] for row in (line.split() for line in f) if row]
+
+
 def count_lines(path):
     if not os.path.exists(path):
         return 0

@@ -16,6 +16,7 @@ FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 sys.path.insert(0, ROOT)
 
 import utils  # noqa: E402
+from utils import read_dat  # noqa: E402,F401  (the tests' name for it)
 
 
 @pytest.fixture(scope="session")
@@ -155,12 +156,6 @@ def assert_weights_retrace(state, reference, bounds, fraction, free_bias_steps, 
     for key, tensor in reference.get("netGenX", {}).items():
         if is_free_bias(key, selfAttG):
             assert (state["netGenX"][key] - tensor).abs().max() <= adam_drift_bound(free_bias_steps), key
-
-
-def read_dat(path):
-    """The rows of train.dat or val.dat: iteration, accuracy, IoU."""
-    with open(path) as f:
-        return [[float(v) for v in line.split()] for line in f.read().splitlines()]
 
 
 def grid_size(nTest, nMasks, sizex=128, padding=2):
