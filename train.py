@@ -584,8 +584,8 @@ class TrainingRun:
             return self.grid.save(self.nets, os.path.join(self.opt.outf, "out_%05d.png" % self.opt.iteration))
 
     def collapse_restarts(self, scores):
-        """--autoRestart: whether training collapsed (as the original, told on stdout) and,
-        before iteration 7000, restarts."""
+        """--autoRestart: whether training collapsed (told on stdout, as the original) and, up
+        to iteration 7000, restarts."""
         if not utils.has_collapsed([scores["train"].min_region_size, scores["val"].min_region_size],
                                    self.opt.autoRestart):
             return False
@@ -720,7 +720,7 @@ class StopRequest:
         return self
 
     def handle(self, signum, frame):
-        if self.signal is None and int(os.environ.get("RANK", "0")) == 0:
+        if self.signal is None and utils.is_main_process():
             print("\n%s: stopping after this iteration, with a checkpoint" % signal.Signals(signum).name,
                   file=sys.stderr)
         self.signal = signum

@@ -43,9 +43,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def is_main_process():
+    """Rank 0 under torchrun (which sets RANK before the process starts), or a plain run."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def warn(message):
     """A warning on stderr, printed by one process only under torchrun (rank 0)."""
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process():
         print("warning: %s" % message, file=sys.stderr)
 
 
