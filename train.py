@@ -218,6 +218,10 @@ def make_parser():
     p.add_argument('--autoRestart', type=float, default=0,
                    help='restart training if the ratio "size of region" / "size of image" is strictly '
                         'smaller than x on train and val at a checkpoint (collapse detected)')
+    p.add_argument('--rollback', type=int, default=0,
+                   help='after a collapse (the --autoRestart test, at any iteration), go back to the newest '
+                        'checkpoint and go on with fresh noise and data order, at most this many times; then '
+                        '--autoRestart as the original')
     p.add_argument('--device', default=None, help='cpu | cuda | cuda:N (default: cuda if available, else cpu)')
     p.add_argument('--amp', default='none', choices=['none', 'bf16'],
                    help='mixed precision for the training iterations: bf16 autocast (CPU and CUDA)')
@@ -279,6 +283,8 @@ def resolve_options(opt, explicit=()):
         opt, start = saved, (path, state)
     if "bestValIoU" not in opt:
         opt.bestValIoU = 0
+    if "rollbacks" not in opt:  # how many --rollback the run has used
+        opt.rollbacks = 0
     for name in ("nfD", "nfX", "nfM", "nfZ"):
         if getattr(opt, name) is None:
             setattr(opt, name, opt.nf)
@@ -315,6 +321,9 @@ def check_options(opt):
         raise UserError("--temperature %s: expected a positive number" % opt.temperature)
     if opt.wrecZ < 0:
         raise UserError("--wrecZ %s: expected 0 (no noise reconstructor) or more" % opt.wrecZ)
+    if opt.rollback < 0 or (opt.rollback and opt.autoRestart <= 0):
+        raise UserError("--rollback %d: expected 0, or a positive number with --autoRestart x (the collapse test)"
+                        % opt.rollback)
     utils.resolve_device(opt.device)
 
 
@@ -474,11 +483,8 @@ class TrainingRun:
         else:
             self.grid = SampleGrid(**{k: v.to(self.device) for k, v in resume["sampleGrid"].items()})
         self.valloader = datasets.make_loader(splits["val"], opt.batchSize, opt.workers, self.pin_memory)
-        shard = dict(rank=self.dist.rank, world=self.dist.world, pin_memory=self.pin_memory)
-        self.genData = datasets.BatchStream(splits["train"], opt.batchSize, opt.workers,
-                                            resume and resume["genData"], **shard)
-        self.disData = datasets.BatchStream(splits["train"], opt.batchSize, opt.workers,
-                                            resume and resume["disData"], **shard)
+        self.genData = self.batch_stream(resume and resume["genData"])
+        self.disData = self.batch_stream(resume and resume["disData"])
         self.stats = []  # the records of stats.jsonl
         if resume is not None:
             if self.dist.is_main:
@@ -515,6 +521,11 @@ class TrainingRun:
         self.period_losses = utils.PeriodLosses()
         self.period_iterations = 0
         self.period_start = time.perf_counter()
+
+    def batch_stream(self, state=None):
+        """Endless training batches (this rank's share of each), from `state` or a new epoch."""
+        return datasets.BatchStream(self.trainloader.dataset, self.opt.batchSize, self.opt.workers, state,
+                                    rank=self.dist.rank, world=self.dist.world, pin_memory=self.pin_memory)
 
     def load_split(self, split):
         opt = self.opt
@@ -583,19 +594,25 @@ class TrainingRun:
         with utils.eval_mode(*(net for _, net in self.nets.items())):
             return self.grid.save(self.nets, os.path.join(self.opt.outf, "out_%05d.png" % self.opt.iteration))
 
-    def collapse_restarts(self, scores):
-        """--autoRestart: whether training collapsed (told on stdout, as the original) and, up
-        to iteration 7000, restarts."""
+    def collapse_action(self, scores):
+        """After the --autoRestart test: None (no collapse, or one past iteration 7000, as the
+        original), "rollback" (--rollback, while some are left and a checkpoint exists) or
+        "restart" (the original's, up to iteration 7000). Told on stdout."""
+        opt = self.opt
         if not utils.has_collapsed([scores["train"].min_region_size, scores["val"].min_region_size],
-                                   self.opt.autoRestart):
-            return False
+                                   opt.autoRestart):
+            return None
         print("Training appear to have collapsed.")
-        if self.opt.iteration > 7000:
-            return False
+        if opt.rollbacks < opt.rollback and checkpoint_files(opt.outf):
+            print("Rolling back to %s (rollback %d of %d), with fresh noise and data order."
+                  % (max(checkpoint_files(opt.outf), key=os.path.getmtime), opt.rollbacks + 1, opt.rollback))
+            return "rollback"
+        if opt.iteration > 7000:
+            return None
         print("Reinitializing training.")
-        return True
+        return "restart"
 
-    def record_statistics(self, scores, restart, grid):
+    def record_statistics(self, scores, action, grid):
         """A record of the period in stats.jsonl, curves.png redrawn, TensorBoard (--tensorboard),
         and a one-line summary on stdout."""
         opt, now = self.opt, time.perf_counter()
@@ -611,7 +628,7 @@ class TrainingRun:
             "region_sizes": {split: [round(size, 5) for size in s.region_sizes] for split, s in scores.items()},
             **{"%s_%s" % (split, key): utils.json_number(getattr(s, key))
                for split, s in scores.items() for key in ("acc", "iou")},
-            "events": self.events + (["restart"] if restart else []),
+            "events": self.events + ([action] if action else []),
             "peak_memory_mb": utils.json_number(peak_memory_mb(self.device))}
         utils.append_line(os.path.join(opt.outf, utils.STATS_FILE), json.dumps(record))
         self.stats.append(record)
@@ -668,6 +685,18 @@ class TrainingRun:
         self.optimizers = make_optimizers(self.nets, self.opt)
         self.modules = self.dist.step_modules(self.nets)
         self.opt.iteration = 0
+
+    def rollback(self):
+        """Back to the newest checkpoint after a collapse, with fresh noise and a fresh data
+        order (seeded from --manualSeed and the rollback's number, alike on every rank), so
+        that the same collapse is not replayed."""
+        opt = self.opt
+        path, state = latest_checkpoint(opt.outf, "cpu")
+        opt.rollbacks += 1
+        self.load_nets_and_optimizers(path, state)
+        opt.iteration = state["options"].iteration
+        utils.seed_everything(opt.manualSeed + 1000003 * opt.rollbacks)
+        self.genData, self.disData = self.batch_stream(), self.batch_stream()
 
     def stop(self, signum):
         """Asked to stop (SIGINT, SIGTERM): a checkpoint of this very iteration, unless the
@@ -811,17 +840,19 @@ def train(opt, start=None, dist=None):
             if dist.is_main:
                 scores = run.score()
                 grid = run.draw_sample_grid()
-                restart = run.collapse_restarts(scores)
-                run.record_statistics(scores, restart, grid)
-                if not restart:
+                action = run.collapse_action(scores)
+                run.record_statistics(scores, action, grid)
+                if action is None:
                     run.save_checkpoint(scores["val"].iou)
-                decision = {"restart": restart, "bestValIoU": opt.bestValIoU, "rng": utils.rng_states()}
+                decision = {"action": action, "bestValIoU": opt.bestValIoU, "rng": utils.rng_states()}
             else:
                 run.start_period()
             decision = dist.share(decision)
             utils.restore_rng_states(decision["rng"])  # rank 0's evaluation loaders drew from it
-            if decision["restart"]:
+            if decision["action"] == "restart":
                 run.restart()
+            elif decision["action"] == "rollback":
+                run.rollback()
             opt.bestValIoU = decision["bestValIoU"]
         if progress is not None:
             progress.close()

@@ -170,7 +170,7 @@ def test_auto_restart_only_up_to_iteration_7000(iteration, restarts, minidata_ro
     opt.iteration = iteration
     output = io.StringIO()
     with contextlib.redirect_stdout(output):
-        assert run.collapse_restarts(run.score()) == restarts
+        assert run.collapse_action(run.score()) == ("restart" if restarts else None)
     assert "Training appear to have collapsed." in output.getvalue()
     assert ("Reinitializing training." in output.getvalue()) == restarts
 
@@ -230,3 +230,38 @@ def test_run_ends_with_a_summary_of_what_to_use_next(minidata_root, tmp_path):
         "done: best validation IoU %.4f at iteration %d (%s); last checkpoint %s; segment with: python "
         "example_load_pretrained.py --statePath %s --dataroot %s"
         % (best[2], best[0], outf / "best.pth", outf / "state_00004.pth", outf / "best.pth", minidata_root / "flowers"))
+
+
+def test_rollback_goes_back_to_the_last_checkpoint_after_a_collapse_and_goes_on(minidata_root, tmp_path,
+                                                                                  monkeypatch):
+    """--rollback: a collapse found at iteration 6 (forced, once) sends the run back to its
+    checkpoint at 4, from where it goes on with fresh noise and data; nothing before is lost."""
+    calls = []
+
+    def collapsed_at_the_third_checkpoint(sizes, threshold):
+        calls.append(sizes)
+        return len(calls) == 3
+
+    monkeypatch.setattr(utils, "has_collapsed", collapsed_at_the_third_checkpoint)
+    outf = tmp_path / "out"
+    args = ["--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--outf", outf, "--nIteration", 7,
+            "--checkpointFreq", 2, "--manualSeed", 3, "--autoRestart", 0.1, "--rollback", 2, "--clean",
+            *[a for a in SMALL_RUN if a != "--silent"]]
+    result = run_script("train.py", *args, cwd=tmp_path)
+    assert ("Training appear to have collapsed.\nRolling back to %s (rollback 1 of 2), with fresh noise and data "
+            "order." % (outf / "state_00004.pth")) in result.stdout
+    assert "Reinitializing" not in result.stdout
+    assert [row[0] for row in read_dat(outf / "val.dat")] == [2, 4, 6, 6, 8]
+    records = [json.loads(line) for line in open(outf / "stats.jsonl")]
+    assert [r["events"] for r in records] == [[], [], ["rollback"], [], []]
+    assert [r["step"] for r in records] == [2, 4, 6, 8, 10]  # iterations trained, the rolled-back ones too
+    assert records[3]["losses"] != records[2]["losses"]  # the two periods from 4 to 6 drew differently
+    assert sorted(p.name for p in outf.glob("state_*.pth")) == ["state_00008.pth"]
+    assert utils.load_options(outf / "options.pth").rollbacks == 1
+
+
+def test_rollback_needs_the_collapse_test(minidata_root, tmp_path):
+    result = run_script("train.py", "--dataroot", minidata_root / "flowers", "--outf", tmp_path, "--rollback", 2,
+                        *SMALL_RUN, cwd=tmp_path, check=False)
+    assert result.returncode != 0 and "--rollback 2: expected 0, or a positive number with --autoRestart x" in \
+        result.stderr
