@@ -339,6 +339,7 @@ def restore_rng_states(states, cuda=torch.cuda):
 
 STATS_FILE = "stats.jsonl"
 LOSS_NAMES = ("lossG", "lossD", "err_recZ")
+EVENT_LINES = {"restart": ":", "rollback": "--"}  # how curves.png marks a period that ended in one
 
 
 class PeriodLosses:
@@ -406,7 +407,7 @@ def continue_stats(path, kept_lines, own_record):
 def plot_curves(records, path, threshold=0.0):
     """curves.png: the period means of the losses, each region's mean size on train and
     validation (with the --autoRestart threshold), and accuracy / IoU, against iterations
-    trained (counted on across restarts, which are marked by dotted lines)."""
+    trained (counted on across restarts and rollbacks, marked by dotted and dashed lines)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     fig = Figure(figsize=(8, 9))
@@ -432,8 +433,9 @@ def plot_curves(records, path, threshold=0.0):
     scores.set_xlabel("iterations trained")
     for axes in (losses, sizes, scores):
         for r in records:
-            if "restart" in r["events"]:
-                axes.axvline(r["step"], color="red", linestyle=":", linewidth=1)
+            for event, style in EVENT_LINES.items():
+                if event in r["events"]:
+                    axes.axvline(r["step"], color="red", linestyle=style, linewidth=1)
         axes.grid(alpha=0.3)
         axes.legend(fontsize=7, loc="best")
     fig.tight_layout()

@@ -188,3 +188,24 @@ def test_device():
             pytest.exit("REDO_TEST_DEVICE=%s but CUDA is not available" % device, returncode=2)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     return device
+
+
+def named_tensors(tree, prefix=""):
+    """[(name, tensor)] of every tensor in nested dicts, lists and tuples (a checkpoint's
+    state dicts and optimizer states), in a fixed order."""
+    if isinstance(tree, torch.Tensor):
+        return [(prefix, tree)]
+    if isinstance(tree, dict):
+        return [item for k in sorted(tree, key=str) for item in named_tensors(tree[k], "%s.%s" % (prefix, k))]
+    if isinstance(tree, (list, tuple)):
+        return [item for i, v in enumerate(tree) for item in named_tensors(v, "%s.%d" % (prefix, i))]
+    return []
+
+
+def force_collapse(path):
+    """Make the checkpoint at path collapsed: its mask extractor gives region 0 the whole
+    image (the sigmoid of a huge bias). Returns the changed state."""
+    state = utils.load_checkpoint(path)
+    state["netEncM"]["out.mods.9.bias"].fill_(100.0)
+    torch.save(state, path)
+    return state

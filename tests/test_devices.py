@@ -7,7 +7,7 @@ import torch
 import models
 import train
 import utils
-from conftest import SMALL_RUN, fixture_path, run_process, run_script
+from conftest import SMALL_RUN, fixture_path, named_tensors, run_process, run_script
 
 
 def test_sdpa_attention_gives_the_cpu_kernels_numbers(test_device):
@@ -73,18 +73,8 @@ def test_checkpoints_load_onto_the_target_device():
     """Every tensor of a checkpoint saved from cuda:0, optimizer states included, is mapped
     to the device asked for (here 'meta', a device without memory, which any machine has)."""
     state = utils.load_checkpoint(fixture_path("original_state_00002.pth"), "meta")
-    tensors = [t for key in state if key.startswith(("net", "optimizer")) for t in _tensors(state[key])]
+    tensors = [t for key in state if key.startswith(("net", "optimizer")) for _, t in named_tensors(state[key])]
     assert len(tensors) > 100 and all(t.device.type == "meta" for t in tensors)
-
-
-def _tensors(tree):
-    if isinstance(tree, torch.Tensor):
-        return [tree]
-    if isinstance(tree, dict):
-        return [t for v in tree.values() for t in _tensors(v)]
-    if isinstance(tree, (list, tuple)):
-        return [t for v in tree for t in _tensors(v)]
-    return []
 
 
 def test_cudnn_picks_its_fastest_convolutions_on_a_gpu(monkeypatch):

@@ -13,7 +13,7 @@ import torch
 
 import train
 import utils
-from conftest import PROCESS_ENV, ROOT, SMALL_RUN, run_process, run_script
+from conftest import PROCESS_ENV, ROOT, SMALL_RUN, named_tensors, run_process, run_script
 from test_stats import trained
 
 SEEDED_RUN = ["--dataset", "flowers", "--checkpointFreq", 2, "--manualSeed", 4, "--clean"] + SMALL_RUN
@@ -23,20 +23,10 @@ def assert_same_checkpoint(a, b):
     """Bit for bit: every tensor of every net and optimizer."""
     for key in a:
         if key.startswith(("net", "optimizer")):
-            flat_a, flat_b = _tensors(a[key]), _tensors(b[key])
+            flat_a, flat_b = named_tensors(a[key]), named_tensors(b[key])
             assert len(flat_a) == len(flat_b), key
             for (name, ta), (_, tb) in zip(flat_a, flat_b):
                 assert torch.equal(ta, tb), (key, name)
-
-
-def _tensors(tree, prefix=""):
-    if isinstance(tree, torch.Tensor):
-        return [(prefix, tree)]
-    if isinstance(tree, dict):
-        return [item for k in sorted(tree, key=str) for item in _tensors(tree[k], "%s.%s" % (prefix, k))]
-    if isinstance(tree, (list, tuple)):
-        return [item for i, v in enumerate(tree) for item in _tensors(v, "%s.%d" % (prefix, i))]
-    return []
 
 
 def test_run_killed_at_random_moments_and_resumed_ends_bit_for_bit_as_uninterrupted(minidata_root, tmp_path):

@@ -15,7 +15,7 @@ import datasets
 import models
 import train
 import utils
-from conftest import (SMALL_RUN, assert_weights_retrace, fixture_path, grid_size, original_run_flowers, read_dat,
+from conftest import (SMALL_RUN, assert_weights_retrace, fixture_path, force_collapse, grid_size, original_run_flowers, read_dat,
                       run_process, run_script)
 
 RUN_LOGS = ["curves.png", "stats.jsonl"]  # what we write beside the original's files
@@ -132,13 +132,12 @@ def test_collapse_needs_a_small_region_on_train_and_val(train_size, val_size, th
 
 
 def collapsed_checkpoint(minidata_root, outf, iterations):
-    """A short run's checkpoint whose mask extractor gives region 0 the whole image (the
-    sigmoid of a huge bias), saved as state_N.pth for each N of iterations."""
+    """A short run's checkpoint, collapsed (conftest.force_collapse), also saved as
+    state_N.pth for each N of iterations."""
     common = ["--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--outf", outf,
               "--checkpointFreq", 2, "--manualSeed", 5] + SMALL_RUN
     run_script("train.py", *common, "--nIteration", 1, cwd=outf.parent)
-    state = utils.load_checkpoint(outf / "state_00002.pth")
-    state["netEncM"]["out.mods.9.bias"].fill_(100.0)
+    state = force_collapse(outf / "state_00002.pth")
     for iteration in iterations:
         torch.save(state, outf / ("state_%05d.pth" % iteration))
     common.remove("--silent")
