@@ -220,8 +220,9 @@ def make_parser():
                         'smaller than x on train and val at a checkpoint (collapse detected)')
     p.add_argument('--rollback', type=int, default=0,
                    help='after a collapse (the --autoRestart test, at any iteration), go back to the newest '
-                        'checkpoint and go on with fresh noise and data order, at most this many times; then '
-                        '--autoRestart as the original')
+                        'checkpoint (one further back for each rollback before the run gets past the collapse) '
+                        'and go on with fresh noise and data order, at most this many times; then '
+                        '--autoRestart as the original. --clean keeps this many checkpoints more')
     p.add_argument('--device', default=None, help='cpu | cuda | cuda:N (default: cuda if available, else cpu)')
     p.add_argument('--amp', default='none', choices=['none', 'bf16'],
                    help='mixed precision for the training iterations: bf16 autocast (CPU and CUDA)')
@@ -283,8 +284,13 @@ def resolve_options(opt, explicit=()):
         opt, start = saved, (path, state)
     if "bestValIoU" not in opt:
         opt.bestValIoU = 0
-    if "rollbacks" not in opt:  # how many --rollback the run has used
-        opt.rollbacks = 0
+    for name in ("rollbacks",  # how many --rollback the run has used,
+                 "rollbacksInARow",  # how many since the run last got past the iteration it collapsed at
+                 "collapsedAt"):
+        if name not in opt:
+            setattr(opt, name, 0)
+    if "bestLabelFree" not in opt:  # the best label-free score, that of best_unsupervised.pth
+        opt.bestLabelFree = -1.0
     for name in ("nfD", "nfX", "nfM", "nfZ"):
         if getattr(opt, name) is None:
             setattr(opt, name, opt.nf)
@@ -386,6 +392,19 @@ DAT_FILES = ("train.dat", "val.dat")
 NETWORK_OPTIONS = ("nx", "nz", "nMasks", "nResM", "nfD", "nfX", "nfM", "nfZ", "useSelfAttD", "useSelfAttG")
 
 
+LABEL_FREE_IMAGES = 64  # the first validation images, scored without labels at each checkpoint
+BEST_LABEL_FREE = "best_unsupervised.pth"
+
+
+def label_free_inputs(valset, opt):
+    """The images the label-free score is computed on, and the fixed noise that redraws them
+    (from a generator of its own: the run's random streams are not touched)."""
+    n = min(LABEL_FREE_IMAGES, len(valset))
+    images = torch.stack([valset[i][0] for i in range(n)])
+    noise = torch.randn((n, opt.nMasks, opt.nz, 1, 1), generator=torch.Generator().manual_seed(0))
+    return images, noise
+
+
 def state_path(opt, iteration):
     return os.path.join(opt.outf, "state_%05d.pth" % iteration)
 
@@ -404,9 +423,13 @@ def checkpoint_files(outf):
     return glob.glob(os.path.join(glob.escape(outf), "state_[0-9]*.pth"))
 
 
+def newest_first(paths):
+    return sorted(paths, key=lambda p: (os.path.getmtime(p), p), reverse=True)
+
+
 def latest_checkpoint(outf, device):
     """(path, state) of the newest state_*.pth in outf that loads; incomplete ones are skipped."""
-    for path in sorted(checkpoint_files(outf), key=lambda p: (os.path.getmtime(p), p), reverse=True):
+    for path in newest_first(checkpoint_files(outf)):
         try:
             return path, utils.load_checkpoint(path, device)
         except UserError as e:
@@ -483,6 +506,7 @@ class TrainingRun:
         else:
             self.grid = SampleGrid(**{k: v.to(self.device) for k, v in resume["sampleGrid"].items()})
         self.valloader = datasets.make_loader(splits["val"], opt.batchSize, opt.workers, self.pin_memory)
+        self.label_free_images, self.label_free_noise = label_free_inputs(splits["val"], opt)
         self.genData = self.batch_stream(resume and resume["genData"])
         self.disData = self.batch_stream(resume and resume["disData"])
         self.stats = []  # the records of stats.jsonl
@@ -589,6 +613,15 @@ class TrainingRun:
             utils.append_line(os.path.join(self.opt.outf, split + ".dat"), "%d %s %s" % (self.opt.iteration, acc, iou))
         return scores
 
+    def label_free_score(self):
+        """The label-free scores of the masks on the first validation images (no ground truth
+        read, no random number drawn)."""
+        start = time.perf_counter()
+        scores = utils.label_free_scores(self.nets, self.label_free_images, self.label_free_noise,
+                                         max(self.opt.batchSize, 32))
+        self.label_free_seconds = time.perf_counter() - start
+        return scores
+
     def draw_sample_grid(self):
         """out_%05d.png; returns the picture (3, H, W) in [0, 1]."""
         with utils.eval_mode(*(net for _, net in self.nets.items())):
@@ -605,14 +638,14 @@ class TrainingRun:
         print("Training appear to have collapsed.")
         if opt.rollbacks < opt.rollback and checkpoint_files(opt.outf):
             print("Rolling back to %s (rollback %d of %d), with fresh noise and data order."
-                  % (max(checkpoint_files(opt.outf), key=os.path.getmtime), opt.rollbacks + 1, opt.rollback))
+                  % (self.rollback_target(), opt.rollbacks + 1, opt.rollback))
             return "rollback"
         if opt.iteration > 7000:
             return None
         print("Reinitializing training.")
         return "restart"
 
-    def record_statistics(self, scores, action, grid):
+    def record_statistics(self, scores, label_free, action, grid):
         """A record of the period in stats.jsonl, curves.png redrawn, TensorBoard (--tensorboard),
         and a one-line summary on stdout."""
         opt, now = self.opt, time.perf_counter()
@@ -628,6 +661,8 @@ class TrainingRun:
             "region_sizes": {split: [round(size, 5) for size in s.region_sizes] for split, s in scores.items()},
             **{"%s_%s" % (split, key): utils.json_number(getattr(s, key))
                for split, s in scores.items() for key in ("acc", "iou")},
+            "label_free": label_free._asdict(),
+            "label_free_seconds": round(self.label_free_seconds, 3),
             "events": self.events + ([action] if action else []),
             "peak_memory_mb": utils.json_number(peak_memory_mb(self.device))}
         utils.append_line(os.path.join(opt.outf, utils.STATS_FILE), json.dumps(record))
@@ -642,23 +677,41 @@ class TrainingRun:
             self.tensorboard.flush()
         self.log(summary_line(record))
 
-    def save_checkpoint(self, val_iou=None):
+    def save_checkpoint(self, val_iou=None, label_free=None):
         """state_%05d.pth and options.pth; best.pth when the validation IoU is the best so
-        far (none for a checkpoint between two periods, when the run is stopped); with
-        --clean, the previous state files of the period go once the new one is complete."""
+        far, best_unsupervised.pth when the label-free score is (neither for a checkpoint
+        between two periods, when the run is stopped); with --clean, stale_checkpoints()
+        go once the new one is complete."""
         opt = self.opt
         is_best = val_iou is not None and opt.bestValIoU < val_iou
         if is_best:
             opt.bestValIoU = val_iou
+        is_best_label_free = label_free is not None and opt.bestLabelFree < label_free
+        if opt.iteration >= opt.collapsedAt:  # a healthy checkpoint where it collapsed, or past it
+            opt.rollbacksInARow = 0
+        if is_best_label_free:
+            opt.bestLabelFree = label_free
         state = self.state_dict()
         utils.atomic_save(state, state_path(opt, opt.iteration))
         utils.atomic_save(opt, os.path.join(opt.outf, "options.pth"))
         if is_best:
             utils.atomic_save(state, os.path.join(opt.outf, "best.pth"))
+        if is_best_label_free:
+            utils.atomic_save(state, os.path.join(opt.outf, BEST_LABEL_FREE))
         if opt.clean:
-            for iteration in range(max(opt.iteration - opt.checkpointFreq, 1), opt.iteration):
-                if os.path.exists(state_path(opt, iteration)):
-                    os.remove(state_path(opt, iteration))
+            for path in self.stale_checkpoints():
+                os.remove(path)
+
+    def stale_checkpoints(self):
+        """What --clean removes once a checkpoint is written: as the original, the state
+        files of the period before it; with --rollback N, all but the N newest before it,
+        which a rollback may go back to."""
+        opt = self.opt
+        if opt.rollback:
+            return newest_first(set(checkpoint_files(opt.outf)) - {state_path(opt, opt.iteration)})[opt.rollback:]
+        return [state_path(opt, iteration) for iteration in range(max(opt.iteration - opt.checkpointFreq, 1),
+                                                                  opt.iteration)
+                if os.path.exists(state_path(opt, iteration))]
 
     def state_dict(self):
         """The original's keys, and under 'resume' what continuing exactly needs."""
@@ -686,13 +739,23 @@ class TrainingRun:
         self.modules = self.dist.step_modules(self.nets)
         self.opt.iteration = 0
 
+    def rollback_target(self):
+        """The checkpoint a rollback goes back to: the newest, or for each rollback in a row
+        (before the run gets past the iteration it collapsed at) one further back, as far as
+        the checkpoints go: a collapse is often under way by the last checkpoint before it."""
+        files = newest_first(checkpoint_files(self.opt.outf))
+        return files[min(self.opt.rollbacksInARow, len(files) - 1)]
+
     def rollback(self):
-        """Back to the newest checkpoint after a collapse, with fresh noise and a fresh data
-        order (seeded from --manualSeed and the rollback's number, alike on every rank), so
-        that the same collapse is not replayed."""
+        """Back to rollback_target() after a collapse, with fresh noise and a fresh data order
+        (seeded from --manualSeed and the rollback's number, alike on every rank), so that
+        the same collapse is not replayed."""
         opt = self.opt
-        path, state = latest_checkpoint(opt.outf, "cpu")
+        path = self.rollback_target()
+        state = utils.load_checkpoint(path, "cpu")
+        opt.collapsedAt = max(opt.collapsedAt, opt.iteration)
         opt.rollbacks += 1
+        opt.rollbacksInARow += 1
         self.load_nets_and_optimizers(path, state)
         opt.iteration = state["options"].iteration
         utils.seed_everything(opt.manualSeed + 1000003 * opt.rollbacks)
@@ -720,13 +783,19 @@ class TrainingRun:
         last = max(checkpoint_files(opt.outf), key=os.path.getmtime, default="none")
         val = utils.read_dat(os.path.join(opt.outf, "val.dat"))
         best = [iteration for iteration, _, iou in val if iou == opt.bestValIoU]
-        chosen = os.path.join(opt.outf, "best.pth") if best else last
+        scored = [r for r in self.stats if "label_free" in r]  # (a log continued from an older version)
+        label_free = [r["iteration"] for r in scored if r["label_free"]["score"] == opt.bestLabelFree]
+        unsupervised = os.path.join(opt.outf, BEST_LABEL_FREE)
+        chosen = os.path.join(opt.outf, "best.pth") if best else unsupervised if label_free else last
         if best:
             verdict = "best validation IoU %.4f at iteration %d (%s)" % (opt.bestValIoU, best[0], chosen)
         elif val:
             verdict = "no validation IoU (no ground-truth masks), so no best.pth"
         else:
             verdict = "no checkpoint scored yet"
+        if label_free:
+            verdict += "; best label-free score %.3f at iteration %d (%s)" % (opt.bestLabelFree, label_free[-1],
+                                                                             unsupervised)
         return ("done: %s; last checkpoint %s; segment with: python example_load_pretrained.py --statePath %s%s"
                 % (verdict, last, chosen, "" if not datasets.needs_dataroot(opt.dataset) else
                    " --dataroot %s" % opt.dataroot))
@@ -760,13 +829,14 @@ class StopRequest:
 
 
 def summary_line(record):
-    """The one line printed at each checkpoint: losses, region sizes, validation IoU, speed."""
+    """The one line printed at each checkpoint: losses, region sizes, validation IoU, label-free
+    score, speed."""
     losses = " ".join("%s %.3f" % (name, value["mean"]) for name, value in record["losses"].items())
     sizes = ", ".join("%s %s" % (split, " ".join("%.2f" % s for s in sizes))
                       for split, sizes in record["region_sizes"].items())
     iou = "" if record["val_iou"] is None else " | val IoU %.4f" % record["val_iou"]
-    return "iteration %d: %s | region sizes %s%s | %.2f it/s%s" % (
-        record["iteration"], losses, sizes, iou, record["iterations_per_second"],
+    return "iteration %d: %s | region sizes %s%s | label-free %.3f | %.2f it/s%s" % (
+        record["iteration"], losses, sizes, iou, record["label_free"]["score"], record["iterations_per_second"],
         "".join(" | " + event for event in record["events"]))
 
 
@@ -811,6 +881,9 @@ def check_output_folder(outf):
         raise UserError("--outf %s: cannot write there (%s)" % (outf, e.strerror or e)) from None
 
 
+SHARED_PROGRESS = ("bestValIoU", "bestLabelFree", "rollbacksInARow")  # options rank 0 updates at a checkpoint
+
+
 def train(opt, start=None, dist=None):
     """The original's training loop: iterations until --nIteration; every --checkpointFreq,
     rank 0 scores, draws the sample grid, and restarts after a collapse or saves a
@@ -839,21 +912,24 @@ def train(opt, start=None, dist=None):
             decision = None
             if dist.is_main:
                 scores = run.score()
+                label_free = run.label_free_score()
                 grid = run.draw_sample_grid()
                 action = run.collapse_action(scores)
-                run.record_statistics(scores, action, grid)
+                run.record_statistics(scores, label_free, action, grid)
                 if action is None:
-                    run.save_checkpoint(scores["val"].iou)
-                decision = {"action": action, "bestValIoU": opt.bestValIoU, "rng": utils.rng_states()}
+                    run.save_checkpoint(scores["val"].iou, label_free.score)
+                decision = {"action": action, "rng": utils.rng_states(),
+                            "progress": {name: getattr(opt, name) for name in SHARED_PROGRESS}}
             else:
                 run.start_period()
             decision = dist.share(decision)
             utils.restore_rng_states(decision["rng"])  # rank 0's evaluation loaders drew from it
+            for name, value in decision["progress"].items():
+                setattr(opt, name, value)
             if decision["action"] == "restart":
                 run.restart()
             elif decision["action"] == "rollback":
                 run.rollback()
-            opt.bestValIoU = decision["bestValIoU"]
         if progress is not None:
             progress.close()
         if run.tensorboard is not None:

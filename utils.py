@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import models
@@ -192,6 +193,52 @@ def has_collapsed(min_region_sizes, threshold):
     (strictly) on every split scored (train and val), not on one only: a batch of small
     objects is not a collapse."""
     return all(size < threshold for size in min_region_sizes)
+
+
+class LabelFreeScores(NamedTuple):
+    """What ReDO's own nets say of its masks, on unlabelled images (see label_free_scores)."""
+    score: float
+    realism: float
+    binariness: float
+    min_region_size: float
+
+
+def label_free_scores(nets, images, z, batch_size):
+    """Label-free quality of the masks of netEncM on `images` (N, C, H, W), in eval mode,
+    drawing no random number. Each region of each image is redrawn with the fixed noise z
+    (N, nMasks, nz, 1, 1), as in training, and
+    - score: how well netEncM finds the same regions again in the composites: the mean over
+      regions of their IoU (pixels of the region in the image and in the composite, over
+      every composite; 0 for a region that is empty in both, so a collapse scores 1/nMasks
+      at most),
+    - realism: how often netDX ranks a composite above a real image (over all pairs; 0.5:
+      it cannot tell them apart),
+    - binariness: how far the soft masks are from uniform (0) towards hard (1),
+    - min_region_size: the smallest region's mean size.
+    README, "Choosing a checkpoint without labels", says why the score is the first."""
+    device = next(nets.netEncM.parameters()).device
+    real, fake, binary, sizes = [], [], [], []
+    intersection = union = 0
+    with eval_mode(nets.netEncM, nets.netGenX, nets.netDX), torch.inference_mode():
+        for start in range(0, images.size(0), batch_size):
+            x = images[start:start + batch_size].to(device)
+            masks = nets.netEncM(x)
+            _, composites = models.redraw(nets.netGenX, x, masks, z[start:start + batch_size].to(device))
+            real.append(nets.netDX(x).flatten())
+            fake.append(nets.netDX(composites.flatten(0, 1)).flatten())
+            k = masks.size(1)
+            regions = F.one_hot(masks.argmax(1), k).unsqueeze(1).bool()  # (B, 1, H, W, K)
+            found = F.one_hot(nets.netEncM(composites.flatten(0, 1)).argmax(1), k).view(x.size(0), k, *x.shape[2:], k)
+            intersection = intersection + (regions & found.bool()).sum((0, 1, 2, 3))
+            union = union + (regions | found.bool()).sum((0, 1, 2, 3))
+            binary.append(masks.max(1).values.mean((1, 2)))
+            sizes.append(masks.mean((2, 3)))
+    real, fake = torch.cat(real).float(), torch.cat(fake).float()
+    realism = ((fake[:, None] > real[None]).float().mean() + 0.5 * (fake[:, None] == real[None]).float().mean()).item()
+    refound = (intersection / union.clamp(min=1)).mean().item()
+    binariness = (torch.cat(binary).mean().item() - 1 / k) / (1 - 1 / k)
+    min_size = torch.cat(sizes).mean(0).min().item()
+    return LabelFreeScores(refound, realism, binariness, min_size)
 
 
 class SplitScores(NamedTuple):
@@ -406,7 +453,7 @@ def continue_stats(path, kept_lines, own_record):
 
 def plot_curves(records, path, threshold=0.0):
     """curves.png: the period means of the losses, each region's mean size on train and
-    validation (with the --autoRestart threshold), and accuracy / IoU, against iterations
+    validation (with the --autoRestart threshold), and accuracy / IoU / label-free score, against iterations
     trained (counted on across restarts and rollbacks, marked by dotted and dashed lines)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -428,7 +475,9 @@ def plot_curves(records, path, threshold=0.0):
     sizes.set_ylim(0, 1)
     for key, style in (("val_iou", "-"), ("val_acc", "--"), ("train_iou", ":")):
         scores.plot(steps, [r[key] if r[key] is not None else math.nan for r in records], style, label=key)
-    scores.set_ylabel("accuracy / IoU")
+    scores.plot(steps, [r.get("label_free", {}).get("score", math.nan) for r in records], "-", color="black",
+                linewidth=0.8, label="label-free score")
+    scores.set_ylabel("accuracy / IoU / score")
     scores.set_ylim(0, 1)
     scores.set_xlabel("iterations trained")
     for axes in (losses, sizes, scores):

@@ -6,7 +6,7 @@ the share of evaluation at checkpoints.
     python tests/benchmark.py --original ../ReDO                # also the original, for ratios
     python tests/benchmark.py --configs small --modes fp32,bf16 --iterations 5
     python tests/benchmark.py --original ../ReDO --modes fp32 --rounds 3  # medians of 3 rounds
-    python tests/benchmark.py --logging out/stats.jsonl   # cost of stats.jsonl and curves.png, from a run's log
+    python tests/benchmark.py --logging out/stats.jsonl   # cost of stats.jsonl, curves.png, the label-free score
     python tests/benchmark.py --flops paper                # floating-point operations of one iteration
     python tests/benchmark.py --data                       # the data loader alone
 
@@ -188,6 +188,14 @@ def measure_logging(stats_path, tensorboard=False):
     return shares
 
 
+def label_free_costs(stats_path):
+    """The label-free score's seconds at each checkpoint of a run, against its period."""
+    import utils
+    records, _ = utils.read_stats(stats_path)
+    return [r["label_free_seconds"] / (r["period_seconds"] + r["score_seconds"]) for r in records
+            if "label_free_seconds" in r]
+
+
 def measure_flops(config):
     """Floating-point operations of one training iteration (forward and backward of every
     step), counted by torch.utils.flop_counter."""
@@ -249,6 +257,10 @@ def main():
               "median, %.2f%% at most" % (len(shares), statistics.median(s for s, _ in shares),
                                          max(s for s, _ in shares), 100 * statistics.median(r for _, r in shares),
                                          100 * max(r for _, r in shares)))
+        costs = label_free_costs(args.logging)
+        if costs:
+            print("the label-free score took %.2f%% of its checkpoint period median, %.2f%% at most"
+                  % (100 * statistics.median(costs), 100 * max(costs)))
         return
     if args.data:
         for name, value in measure_data([0, 2, 4]).items():

@@ -21,12 +21,15 @@ import datasets, train, utils
 sys.path.insert(0, %(tests)r)
 from test_distributed import log_batches
 argv = sys.argv[1:]
+if %(collapses)r:  # the checkpoints (counted from 1) at which rank 0's collapse test fires
+    calls = []
+    utils.has_collapsed = lambda sizes, threshold: calls.append(sizes) or len(calls) in %(collapses)r
 opt, start = train.resolve_options(train.make_parser().parse_args(argv), train.explicit_flags(argv))
 dist = train.Distributed.from_environment(opt)
 batches = log_batches(datasets.ShardedBatchSampler)
 run = train.train(opt, start, dist)
 torch.save({"nets": {name: net.state_dict() for name, net in run.nets.items()}, "batches": batches,
-            "rng": utils.rng_states()}, "%%s/rank%%d.pt" %% (opt.outf, dist.rank))
+            "rng": utils.rng_states(), "options": vars(opt)}, "%%s/rank%%d.pt" %% (opt.outf, dist.rank))
 dist.close()
 """
 
@@ -65,7 +68,7 @@ def test_two_processes_match_one_process_with_the_whole_batch(minidata_root, tmp
             "--nTest", 2, "--nIteration", 3, "--checkpointFreq", 2, "--manualSeed", 6, "--workers", 0,
             "--device", "cpu", "--silent"]
     script = tmp_path / "rank_script.py"
-    script.write_text(RANK_SCRIPT % {"root": ROOT, "tests": os.path.join(ROOT, "tests")})
+    script.write_text(RANK_SCRIPT % {"root": ROOT, "tests": os.path.join(ROOT, "tests"), "collapses": ()})
     torchrun(script, args + ["--outf", tmp_path / "ddp"], cwd=tmp_path)
     monkeypatch.setattr(datasets.ShardedBatchSampler, "__iter__", datasets.ShardedBatchSampler.__iter__)
     single_batches = log_batches(datasets.ShardedBatchSampler)
@@ -128,7 +131,7 @@ def test_restart_decision_and_random_state_of_rank_0_reach_every_rank(minidata_r
     torchrun(os.path.join(ROOT, "train.py"), args + ["--nIteration", 1], cwd=tmp_path)
     force_collapse(outf / "state_00002.pth")
     script = tmp_path / "rank_script.py"
-    script.write_text(RANK_SCRIPT % {"root": ROOT, "tests": os.path.join(ROOT, "tests")})
+    script.write_text(RANK_SCRIPT % {"root": ROOT, "tests": os.path.join(ROOT, "tests"), "collapses": ()})
     torchrun(script, args + ["--iteration", 2, "--nIteration", 3, "--autoRestart", 0.1], cwd=tmp_path)
     assert [line.split()[0] for line in (outf / "val.dat").read_text().splitlines()] == ["2", "4", "2", "4"]
     rank0, rank1 = torch.load(outf / "rank0.pt"), torch.load(outf / "rank1.pt")
@@ -138,6 +141,26 @@ def test_restart_decision_and_random_state_of_rank_0_reach_every_rank(minidata_r
             assert torch.equal(rank0["nets"][name][key], rank1["nets"][name][key]), (name, key)
     assert torch.equal(rank0["rng"]["torch"], rank1["rng"]["torch"])
     assert rank0["rng"]["python"] == rank1["rng"]["python"]
+
+
+def test_rollbacks_in_a_row_go_back_alike_on_every_rank(minidata_root, tmp_path):
+    """Collapses (forced) at the 3rd and 4th checkpoints send both ranks back to 4 then 2;
+    rank 0 alone writes the healthy checkpoint at 6 that ends the streak, so the rollback
+    after the 7th goes back to the newest (6) on both ranks only if rank 0 shares it."""
+    outf = tmp_path / "out"
+    script = tmp_path / "rank_script.py"
+    script.write_text(RANK_SCRIPT % {"root": ROOT, "tests": os.path.join(ROOT, "tests"), "collapses": (3, 4, 7)})
+    torchrun(script, ["--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--nf", 4, "--batchSize", 4,
+                      "--nTest", 2, "--checkpointFreq", 2, "--manualSeed", 6, "--workers", 0, "--device", "cpu",
+                      "--silent", "--outf", outf, "--nIteration", 9, "--autoRestart", 0.1, "--rollback", 3],
+             cwd=tmp_path)
+    assert [int(line.split()[0]) for line in (outf / "val.dat").read_text().splitlines()] == \
+        [2, 4, 6, 6, 4, 6, 8, 8, 10]
+    rank0, rank1 = torch.load(outf / "rank0.pt"), torch.load(outf / "rank1.pt")
+    for name in rank0["nets"]:
+        for key in rank0["nets"][name]:
+            assert torch.equal(rank0["nets"][name][key], rank1["nets"][name][key]), (name, key)
+    assert rank0["options"] == rank1["options"]
 
 
 def test_batch_size_must_split_evenly(minidata_root, tmp_path):

@@ -10,8 +10,8 @@ from conftest import SMALL_RUN, one_line_error, read_dat, run_script
 
 RUN = ["--dataset", "flowers", "--checkpointFreq", 2, "--manualSeed", 4, "--autoRestart", 0.01] + SMALL_RUN
 KEYS = {"iteration", "step", "seconds", "period_seconds", "score_seconds", "iterations_per_second",
-        "images_per_second", "losses", "region_sizes", "train_acc", "train_iou", "val_acc", "val_iou", "events",
-        "peak_memory_mb"}
+        "images_per_second", "losses", "region_sizes", "train_acc", "train_iou", "val_acc", "val_iou", "label_free",
+        "label_free_seconds", "events", "peak_memory_mb"}
 
 
 def records(outf):
@@ -22,7 +22,7 @@ def records(outf):
 def trained(record):
     """What a record says of the training itself (not of time, memory or resuming)."""
     return {key: record[key] for key in ("iteration", "step", "losses", "region_sizes", "train_acc", "train_iou",
-                                         "val_acc", "val_iou")}
+                                         "val_acc", "val_iou", "label_free")}
 
 
 def test_one_record_per_checkpoint_and_a_curves_picture(minidata_root, tmp_path):
@@ -93,7 +93,8 @@ def test_each_checkpoint_prints_a_summary_line(minidata_root, tmp_path):
                                                           ("lossG", "lossD", "err_recZ")) in line
     assert "region sizes train %.2f %.2f, val %.2f %.2f" % tuple(record["region_sizes"]["train"] +
                                                                   record["region_sizes"]["val"]) in line
-    assert "val IoU %.4f" % record["val_iou"] in line and " it/s" in line
+    assert "val IoU %.4f | label-free %.3f" % (record["val_iou"], record["label_free"]["score"]) in line
+    assert " it/s" in line
     assert "scoring train" in result.stderr and "scoring val" in result.stderr  # progress while scoring
 
 

@@ -231,32 +231,37 @@ def test_run_ends_with_a_summary_of_what_to_use_next(minidata_root, tmp_path):
         % (best[2], best[0], outf / "best.pth", outf / "state_00004.pth", outf / "best.pth", minidata_root / "flowers"))
 
 
-def test_rollback_goes_back_to_the_last_checkpoint_after_a_collapse_and_goes_on(minidata_root, tmp_path,
-                                                                                  monkeypatch):
-    """--rollback: a collapse found at iteration 6 (forced, once) sends the run back to its
-    checkpoint at 4, from where it goes on with fresh noise and data; nothing before is lost."""
+def test_rollbacks_go_back_one_checkpoint_further_each_time_in_a_row_and_go_on(minidata_root, tmp_path,
+                                                                              monkeypatch):
+    """--rollback: a collapse found at iteration 6 (forced) sends the run back to its
+    checkpoint at 4, from where it goes on with fresh noise and data; collapsing again at 6
+    sends it back to 2; nothing before is lost, and --clean keeps the checkpoints a
+    rollback may go back to."""
     calls = []
 
-    def collapsed_at_the_third_checkpoint(sizes, threshold):
+    def collapsed_at_the_third_and_fourth_checkpoints(sizes, threshold):
         calls.append(sizes)
-        return len(calls) == 3
+        return len(calls) in (3, 4)
 
-    monkeypatch.setattr(utils, "has_collapsed", collapsed_at_the_third_checkpoint)
+    monkeypatch.setattr(utils, "has_collapsed", collapsed_at_the_third_and_fourth_checkpoints)
     outf = tmp_path / "out"
-    args = ["--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--outf", outf, "--nIteration", 7,
+    args = ["--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--outf", outf, "--nIteration", 9,
             "--checkpointFreq", 2, "--manualSeed", 3, "--autoRestart", 0.1, "--rollback", 2, "--clean",
             *[a for a in SMALL_RUN if a != "--silent"]]
     result = run_script("train.py", *args, cwd=tmp_path)
-    assert ("Training appear to have collapsed.\nRolling back to %s (rollback 1 of 2), with fresh noise and data "
-            "order." % (outf / "state_00004.pth")) in result.stdout
+    for number, iteration in ((1, 4), (2, 2)):
+        assert ("Training appear to have collapsed.\nRolling back to %s (rollback %d of 2), with fresh noise and "
+                "data order." % (outf / ("state_%05d.pth" % iteration), number)) in result.stdout
     assert "Reinitializing" not in result.stdout
-    assert [row[0] for row in read_dat(outf / "val.dat")] == [2, 4, 6, 6, 8]
+    assert [row[0] for row in read_dat(outf / "val.dat")] == [2, 4, 6, 6, 4, 6, 8, 10]
     records = [json.loads(line) for line in open(outf / "stats.jsonl")]
-    assert [r["events"] for r in records] == [[], [], ["rollback"], [], []]
-    assert [r["step"] for r in records] == [2, 4, 6, 8, 10]  # iterations trained, the rolled-back ones too
+    assert [r["events"] for r in records] == [[], [], ["rollback"], ["rollback"], [], [], [], []]
+    assert [r["step"] for r in records] == [2, 4, 6, 8, 10, 12, 14, 16]  # iterations trained, rolled back too
     assert records[3]["losses"] != records[2]["losses"]  # the two periods from 4 to 6 drew differently
-    assert sorted(p.name for p in outf.glob("state_*.pth")) == ["state_00008.pth"]
-    assert utils.load_options(outf / "options.pth").rollbacks == 1
+    assert sorted(p.name for p in outf.glob("state_*.pth")) == ["state_00006.pth", "state_00008.pth",
+                                                                "state_00010.pth"]
+    options = utils.load_options(outf / "options.pth")
+    assert (options.rollbacks, options.rollbacksInARow, options.collapsedAt) == (2, 0, 6)
 
 
 def test_rollback_needs_the_collapse_test(minidata_root, tmp_path):

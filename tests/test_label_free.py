@@ -1,0 +1,91 @@
+"""The label-free score and best_unsupervised.pth (README, "Choosing a checkpoint without labels")."""
+import json
+
+import torch
+
+import models
+import utils
+import minidata
+from conftest import SMALL_RUN, named_tensors, run_script, training_options
+
+
+def small_nets_and_inputs(n=6):
+    opt = training_options("--dataset", "synthetic", "--nf", 4, "--nfM", 8, "--device", "cpu")
+    torch.manual_seed(0)
+    nets = models.build_nets(opt, torch.device("cpu"), skip_ortho_init_sn=opt.skipOrthoInitSN)
+    generator = torch.Generator().manual_seed(1)
+    images = torch.rand(n, 3, opt.sizex, opt.sizex, generator=generator) * 2 - 1
+    noise = torch.randn(n, opt.nMasks, opt.nz, 1, 1, generator=generator)
+    return nets, images, noise
+
+
+def test_the_score_is_deterministic_and_changes_nothing():
+    """Same nets and images, same score; the run's random streams, weights, spectral-norm
+    vectors, batch-norm statistics and train/eval modes are as they were."""
+    nets, images, noise = small_nets_and_inputs()
+    nets.train()
+    before = [(name, tensor.clone()) for name, tensor in named_tensors(
+        {name: net.state_dict() for name, net in nets.items()})]
+    rng = torch.get_rng_state()
+    first = utils.label_free_scores(nets, images, noise, 4)
+    second = utils.label_free_scores(nets, images, noise, 4)
+    assert first == second
+    assert torch.equal(torch.get_rng_state(), rng)
+    after = named_tensors({name: net.state_dict() for name, net in nets.items()})
+    assert [name for name, _ in after] == [name for name, _ in before]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(after, before))
+    assert all(net.training for _, net in nets.items())
+    assert 0 <= first.realism <= 1 and 0 <= first.score <= 1 and 0 <= first.binariness <= 1
+    assert first.min_region_size <= 0.5
+
+
+def test_the_parts_see_what_they_measure():
+    """Hard masks are binary (1), uniform ones are not (0); a mask extractor that puts every
+    pixel in one region finds that region again in every composite, and the other nowhere:
+    a collapse scores 1/2 for two regions."""
+    nets, images, noise = small_nets_and_inputs()
+
+    class Constant(torch.nn.Module):
+        def __init__(self, region0):
+            super().__init__()
+            self.region0 = region0
+            self.anchor = torch.nn.Parameter(torch.zeros(()))  # the device is read from a parameter
+
+        def forward(self, x):
+            m0 = torch.full_like(x[:, :1], self.region0)
+            return torch.cat([m0, 1 - m0], 1)
+
+    nets.netEncM = Constant(1.0)
+    hard = utils.label_free_scores(nets, images, noise, 4)
+    assert (hard.binariness, hard.score, hard.min_region_size) == (1.0, 0.5, 0.0)
+    nets.netEncM = Constant(0.5)
+    assert utils.label_free_scores(nets, images, noise, 4).binariness == 0.0
+
+
+def test_a_folder_without_masks_keeps_its_best_label_free_checkpoint_and_it_loads(tmp_path, monkeypatch):
+    """best_unsupervised.pth is the checkpoint of the best score (here set to peak at the
+    second of four checkpoints), written without ground truth, and example_load_pretrained.py
+    segments with it."""
+    real_scores, chosen = utils.label_free_scores, iter([0.2, 0.6, 0.4, 0.1])
+    monkeypatch.setattr(utils, "label_free_scores",
+                        lambda *args: real_scores(*args)._replace(score=next(chosen)))
+    minidata.make_folder(tmp_path, n=20, with_masks=False)
+    outf = tmp_path / "out"
+    result = run_script("train.py", "--dataset", "folder", "--dataroot", tmp_path / "images", "--outf", outf,
+                        "--nIteration", 7, "--checkpointFreq", 2, *[a for a in SMALL_RUN if a != "--silent"],
+                        cwd=tmp_path)
+    with open(outf / "stats.jsonl") as f:
+        assert [json.loads(line)["label_free"]["score"] for line in f] == [0.2, 0.6, 0.4, 0.1]
+    saved = utils.load_checkpoint(outf / "best_unsupervised.pth")
+    assert saved["options"].iteration == 4 and saved["options"].bestLabelFree == 0.6
+    state = utils.load_checkpoint(outf / "state_00004.pth")
+    for name in ("netEncM", "netGenX", "netDX", "netRecZ"):
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(named_tensors(saved[name]), named_tensors(state[name])))
+    assert not (outf / "best.pth").exists()
+    assert "best label-free score 0.600 at iteration 4" in result.stdout
+    assert "segment with: python example_load_pretrained.py --statePath %s" % (outf / "best_unsupervised.pth") \
+        in result.stdout
+    loaded = run_script("example_load_pretrained.py", "--statePath", outf / "best_unsupervised.pth",
+                        "--images", tmp_path / "images" / "a", "--outdir", tmp_path / "masks", "--device", "cpu",
+                        cwd=tmp_path)
+    assert "wrote the masks of 10 images" in loaded.stdout
