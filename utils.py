@@ -205,8 +205,9 @@ class LabelFreeScores(NamedTuple):
 
 def label_free_scores(nets, images, z, batch_size):
     """Label-free quality of the masks of netEncM on `images` (N, C, H, W), in eval mode,
-    drawing no random number. Each region of each image is redrawn with the fixed noise z
-    (N, nMasks, nz, 1, 1), as in training, and
+    drawing no random number. Each region of each image is redrawn whole (the masks made
+    hard: each pixel in its most likely region) with the fixed noise z (N, nMasks, nz, 1, 1),
+    and
     - score: how well netEncM finds the same regions again in the composites: the mean over
       regions of their IoU (pixels of the region in the image and in the composite, over
       every composite; 0 for a region that is empty in both, so a collapse scores 1/nMasks
@@ -223,11 +224,13 @@ def label_free_scores(nets, images, z, batch_size):
         for start in range(0, images.size(0), batch_size):
             x = images[start:start + batch_size].to(device)
             masks = nets.netEncM(x)
-            _, composites = models.redraw(nets.netGenX, x, masks, z[start:start + batch_size].to(device))
+            k = masks.size(1)
+            regions = F.one_hot(masks.argmax(1), k)  # (B, H, W, K)
+            _, composites = models.redraw(nets.netGenX, x, regions.permute(0, 3, 1, 2).to(x.dtype),
+                                          z[start:start + batch_size].to(device))
             real.append(nets.netDX(x).flatten())
             fake.append(nets.netDX(composites.flatten(0, 1)).flatten())
-            k = masks.size(1)
-            regions = F.one_hot(masks.argmax(1), k).unsqueeze(1).bool()  # (B, 1, H, W, K)
+            regions = regions.unsqueeze(1).bool()  # (B, 1, H, W, K): against each composite
             found = F.one_hot(nets.netEncM(composites.flatten(0, 1)).argmax(1), k).view(x.size(0), k, *x.shape[2:], k)
             intersection = intersection + (regions & found.bool()).sum((0, 1, 2, 3))
             union = union + (regions | found.bool()).sum((0, 1, 2, 3))
