@@ -4,8 +4,9 @@ labels"); not collected by pytest.
     # a dataset made unlike --dataset synthetic, to check the score on data it was not designed on
     python tests/label_free_check.py blobs DIR
     python train.py --dataset folder --dataroot DIR/train/images --maskroot DIR/train/masks ... --outf RUN
-    # per run: Spearman correlation of the score with validation IoU over its checkpoints, and the
-    # test IoU of best_unsupervised.pth, best.pth and the last checkpoint
+    # per run: Spearman correlation of the score (and of the other parts logged) with validation
+    # IoU over its checkpoints, minutes to a validation IoU of 0.8, collapses, and the test IoU
+    # of best_unsupervised.pth, best.pth and the last checkpoint: a Markdown table
     python tests/label_free_check.py report RUN [RUN ...] [--test-folder DIR/test]
 
 `blobs` writes DIR/{train,test}/{images,masks}: 2000 and 2000 images (the held-out tenth of
@@ -79,10 +80,22 @@ def make_blobs(root, n=2000, seed=0):
 
 # ----------------------------------------------------------------------------- the report
 
-def saved_records(run):
-    """The stats.jsonl records of the checkpoints the run kept (not those it found collapsed)."""
-    return [r for r in utils.read_stats(os.path.join(run, utils.STATS_FILE))
-            if not {"restart", "rollback"} & set(r["events"])]
+def saved_records(records):
+    """The records of the checkpoints a run kept (not those it found collapsed)."""
+    return [r for r in records if not {"restart", "rollback"} & set(r["events"])]
+
+
+def spearman(records, key):
+    """Rank correlation over the checkpoints of the label-free `key` with the validation IoU."""
+    return stats.spearmanr([r["label_free"][key] for r in records], [r["val_iou"] for r in records]).statistic
+
+
+def first_reaching(records, iou):
+    """'minutes (iteration)' of training until the validation IoU first reached iou."""
+    for r in records:
+        if r["val_iou"] >= iou:
+            return "%.1f (%d)" % (r["seconds"] / 60, r["iteration"])
+    return "never"
 
 
 def test_iou(path, opt, test_folder):
@@ -98,23 +111,28 @@ def test_iou(path, opt, test_folder):
     return float(re.search(r"IoU ([0-9.]+)", output).group(1))
 
 
+COMPARED = ("score", "realism", "binariness")
+
+
 def report(runs, test_folder):
-    print("run | checkpoints | Spearman(score, val IoU) | test IoU: best_unsupervised (iteration) | "
-          "best.pth (iteration) | last (iteration)")
+    print("| run | checkpoints | Spearman with val IoU: %s | val IoU 0.8 first: minutes (iteration) | "
+          "rollbacks, restarts | test IoU (iteration): best_unsupervised.pth | best.pth | last |" % ", ".join(COMPARED))
+    print("|" + " --- |" * 8)
     pooled = []
     for run in runs:
-        records = saved_records(run)
-        scores = [r["label_free"]["score"] for r in records]
-        ious = [r["val_iou"] for r in records]
-        pooled.append(stats.spearmanr(scores, ious).statistic)
+        records, _ = utils.read_stats(os.path.join(run, utils.STATS_FILE))
+        saved = saved_records(records)
+        pooled += saved
+        events = [event for r in records for event in r["events"]]
+        row = [run, str(len(saved)), " / ".join("%.2f" % spearman(saved, key) for key in COMPARED),
+               first_reaching(records, 0.8), "%d, %d" % (events.count("rollback"), events.count("restart"))]
         last = max(train.checkpoint_files(run), key=os.path.getmtime)
-        row = [run, str(len(records)), "%.3f" % pooled[-1]]
-        for name in (train.BEST_LABEL_FREE, "best.pth", os.path.basename(last)):
-            path = os.path.join(run, name)
+        for path in (os.path.join(run, train.BEST_LABEL_FREE), os.path.join(run, "best.pth"), last):
             opt = train.complete_options(utils.load_checkpoint(path, "cpu")["options"])
-            row.append("%.4f (%d)" % (test_iou(path, opt, test_folder), opt.iteration))
-        print(" | ".join(row), flush=True)
-    print("median Spearman over the runs: %.3f" % np.median(pooled))
+            row.append("%.3f (%d)" % (test_iou(path, opt, test_folder), opt.iteration))
+        print("| " + " | ".join(row) + " |", flush=True)
+    print("all %d checkpoints together: Spearman %s" % (len(pooled), " / ".join(
+        "%.2f" % spearman(pooled, key) for key in COMPARED)))
 
 
 def main():

@@ -2,6 +2,7 @@
 import json
 
 import torch
+import torch.nn.functional as F
 
 import models
 import utils
@@ -89,3 +90,16 @@ def test_a_folder_without_masks_keeps_its_best_label_free_checkpoint_and_it_load
                         "--images", tmp_path / "images" / "a", "--outdir", tmp_path / "masks", "--device", "cpu",
                         cwd=tmp_path)
     assert "wrote the masks of 10 images" in loaded.stdout
+
+
+def test_each_region_is_redrawn_whole(monkeypatch):
+    """The generators get hard masks (each pixel in its most likely region): soft masks would
+    leave the composites close to the images, and the regions trivially found again."""
+    nets, images, noise = small_nets_and_inputs()
+    given, redraw = [], models.redraw
+    monkeypatch.setattr(models, "redraw",
+                        lambda netGenX, x, masks, z: given.append(masks) or redraw(netGenX, x, masks, z))
+    utils.label_free_scores(nets, images, noise, 4)
+    with utils.eval_mode(nets.netEncM), torch.no_grad():
+        hard = F.one_hot(nets.netEncM(images).argmax(1), 2).permute(0, 3, 1, 2).float()
+    assert torch.equal(torch.cat(given), hard)
