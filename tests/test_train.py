@@ -18,7 +18,7 @@ import utils
 from conftest import (SMALL_RUN, assert_weights_retrace, fixture_path, force_collapse, grid_size, original_run_flowers, read_dat,
                       run_process, run_script)
 
-RUN_LOGS = ["curves.png", "stats.jsonl"]  # what we write beside the original's files
+OUR_FILES = ["best_unsupervised.pth", "curves.png", "stats.jsonl"]  # what we write beside the original's files
 STATE_KEYS = {"netEncM", "netGenX", "netDX", "netRecZ", "optimizerEncM", "optimizerGenX", "optimizerDX",
               "optimizerRecZ", "options"}
 
@@ -31,7 +31,7 @@ def test_training_writes_the_original_files(dataset, minidata_root, tmp_path):
                  "--nIteration", 3, "--checkpointFreq", 2, "--manualSeed", 3, "--clean", *SMALL_RUN, cwd=tmp_path)
     assert result.stdout == ""  # --silent
     assert sorted(os.listdir(outf)) == sorted(["best.pth", "options.pth", "out_00002.png", "out_00004.png",
-                                               "state_00004.pth", "train.dat", "val.dat", *RUN_LOGS])
+                                               "state_00004.pth", "train.dat", "val.dat", *OUR_FILES])
     for name in ("out_00002.png", "out_00004.png"):
         with Image.open(outf / name) as img:
             assert img.size == grid_size(nTest=2, nMasks=2) and img.mode == "RGB"
@@ -77,7 +77,7 @@ def test_seeded_run_retraces_the_original(tmp_path, threads):
     # any positive number of workers draws the original's random numbers (it always used 4)
     run_script("train.py", *original["flags"], "--dataroot", original_run_flowers(tmp_path), "--outf", outf,
                "--workers", 1, "--device", "cpu", cwd=tmp_path)
-    assert sorted(os.listdir(outf)) == sorted(original["files"] + RUN_LOGS)  # the original's, and our logs
+    assert sorted(os.listdir(outf)) == sorted(original["files"] + OUR_FILES)  # the original's, and ours
     assert_dat_files_equal(outf, original)
     # Our convolutions sum in another order than the original's, and Adam with beta1 = 0
     # turns a gradient at rounding level into an lr-sized step, which six steps amplify.
@@ -112,7 +112,7 @@ def test_checkpoint_of_the_original_continues_as_the_original_continues_it(tmp_p
     assert not hasattr(saved, "amp") and not hasattr(saved, "cacheData")  # the original's own options
     run_script("train.py", *original["flags"], *original["continued"], "--dataroot", original_run_flowers(tmp_path),
                "--outf", outf, "--workers", 1, "--device", "cpu", cwd=tmp_path)
-    assert sorted(os.listdir(outf)) == sorted(original["files"] + RUN_LOGS)  # the original's, and our logs
+    assert sorted(os.listdir(outf)) == sorted(original["files"] + OUR_FILES)  # the original's, and ours
     assert_dat_files_equal(outf, original)
     state = utils.load_checkpoint(outf / "state_00004.pth")
     assert {s["step"].item() for s in state["optimizerGenX"]["state"].values()} == {4}  # its Adam went on
@@ -225,10 +225,13 @@ def test_run_ends_with_a_summary_of_what_to_use_next(minidata_root, tmp_path):
             "--checkpointFreq", 2, "--manualSeed", 3] + [a for a in SMALL_RUN if a != "--silent"]
     result = run_script("train.py", *args, cwd=tmp_path)
     best = max(read_dat(outf / "val.dat"), key=lambda row: row[2])
+    records = [json.loads(line) for line in open(outf / "stats.jsonl")]
+    label_free = max(records, key=lambda r: r["label_free"]["score"])
     assert result.stdout.splitlines()[-1] == (
-        "done: best validation IoU %.4f at iteration %d (%s); last checkpoint %s; segment with: python "
-        "example_load_pretrained.py --statePath %s --dataroot %s"
-        % (best[2], best[0], outf / "best.pth", outf / "state_00004.pth", outf / "best.pth", minidata_root / "flowers"))
+        "done: best validation IoU %.4f at iteration %d (%s); best label-free score %.3f at iteration %d (%s); "
+        "last checkpoint %s; segment with: python example_load_pretrained.py --statePath %s --dataroot %s"
+        % (best[2], best[0], outf / "best.pth", label_free["label_free"]["score"], label_free["iteration"],
+           outf / "best_unsupervised.pth", outf / "state_00004.pth", outf / "best.pth", minidata_root / "flowers"))
 
 
 def test_rollbacks_go_back_one_checkpoint_further_each_time_in_a_row_and_go_on(minidata_root, tmp_path,
