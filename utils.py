@@ -231,9 +231,10 @@ def label_free_scores(nets, images, z, batch_size):
             real.append(nets.netDX(x).flatten())
             fake.append(nets.netDX(composites.flatten(0, 1)).flatten())
             regions = regions.unsqueeze(1).bool()  # (B, 1, H, W, K): against each composite
-            found = F.one_hot(nets.netEncM(composites.flatten(0, 1)).argmax(1), k).view(x.size(0), k, *x.shape[2:], k)
-            intersection = intersection + (regions & found.bool()).sum((0, 1, 2, 3))
-            union = union + (regions | found.bool()).sum((0, 1, 2, 3))
+            found = F.one_hot(nets.netEncM(composites.flatten(0, 1)).argmax(1), k).bool()
+            found = found.view(x.size(0), k, *x.shape[2:], k)  # (B, composite, H, W, K)
+            intersection = intersection + (regions & found).sum((0, 1, 2, 3))
+            union = union + (regions | found).sum((0, 1, 2, 3))
             binary.append(masks.max(1).values.mean((1, 2)))
             sizes.append(masks.mean((2, 3)))
     real, fake = torch.cat(real).float(), torch.cat(fake).float()
