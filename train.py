@@ -780,7 +780,7 @@ class TrainingRun:
     def summary(self):
         """One line for the end of the run: the best checkpoint, the last one, what to run next."""
         opt = self.opt
-        last = max(checkpoint_files(opt.outf), key=os.path.getmtime, default="none")
+        last = next(iter(newest_first(checkpoint_files(opt.outf))), "none")
         val = utils.read_dat(os.path.join(opt.outf, "val.dat"))
         best = [iteration for iteration, _, iou in val if iou == opt.bestValIoU]
         scored = [r for r in self.stats if "label_free" in r]  # (a log continued from an older version)

@@ -457,8 +457,9 @@ def continue_stats(path, kept_lines, own_record):
 
 def plot_curves(records, path, threshold=0.0):
     """curves.png: the period means of the losses, each region's mean size on train and
-    validation (with the --autoRestart threshold), and accuracy / IoU / label-free score, against iterations
-    trained (counted on across restarts and rollbacks, marked by dotted and dashed lines)."""
+    validation (with the --autoRestart threshold), and accuracy / IoU / label-free score,
+    against iterations trained (counted on across restarts and rollbacks, marked by dotted
+    and dashed lines)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     fig = Figure(figsize=(8, 9))

@@ -126,7 +126,7 @@ def report(runs, test_folder):
         events = [event for r in records for event in r["events"]]
         row = [run, str(len(saved)), " / ".join("%.2f" % spearman(saved, key) for key in COMPARED),
                first_reaching(records, 0.8), "%d, %d" % (events.count("rollback"), events.count("restart"))]
-        last = max(train.checkpoint_files(run), key=os.path.getmtime)
+        last = train.newest_first(train.checkpoint_files(run))[0]
         for path in (os.path.join(run, train.BEST_LABEL_FREE), os.path.join(run, "best.pth"), last):
             opt = train.complete_options(utils.load_checkpoint(path, "cpu")["options"])
             row.append("%.3f (%d)" % (test_iou(path, opt, test_folder), opt.iteration))
