@@ -173,6 +173,9 @@ def training_iteration(nets, optimizers, xData, xReal, zData, opt, iteration, mo
 
 # ----------------------------------------------------------------------------- options
 
+EARLY_RESTARTS = 5  # at most, in a run: each costs a checkpoint period
+
+
 def make_parser():
     p = argparse.ArgumentParser(description="Train ReDO (unsupervised object segmentation by redrawing).",
                                 formatter_class=utils.HelpFormatter)
@@ -223,6 +226,10 @@ def make_parser():
                         'checkpoint (one further back for each rollback before the run gets past the collapse) '
                         'and go on with fresh noise and data order, at most this many times; then '
                         '--autoRestart as the original. --clean keeps this many checkpoints more')
+    p.add_argument('--earlyRestart', type=float, default=0,
+                   help='restart from scratch when the label-free score at the first checkpoint of a start is '
+                        'under x (netEncM does not find again the regions it had redrawn: a start gone wrong), '
+                        'at most %d times (0: off)' % EARLY_RESTARTS)
     p.add_argument('--device', default=None, help='cpu | cuda | cuda:N (default: cuda if available, else cpu)')
     p.add_argument('--amp', default='none', choices=['none', 'bf16'],
                    help='mixed precision for the training iterations: bf16 autocast (CPU and CUDA)')
@@ -286,7 +293,8 @@ def resolve_options(opt, explicit=()):
         opt.bestValIoU = 0
     for name in ("rollbacks",  # how many --rollback the run has used,
                  "rollbacksInARow",  # how many since the run last got past the iteration it collapsed at
-                 "collapsedAt"):
+                 "collapsedAt",
+                 "earlyRestarts"):  # how many --earlyRestart the run has used
         if name not in opt:
             setattr(opt, name, 0)
     if "bestLabelFree" not in opt:  # the best label-free score, that of best_unsupervised.pth
@@ -327,6 +335,8 @@ def check_options(opt):
         raise UserError("--temperature %s: expected a positive number" % opt.temperature)
     if opt.wrecZ < 0:
         raise UserError("--wrecZ %s: expected 0 (no noise reconstructor) or more" % opt.wrecZ)
+    if not 0 <= opt.earlyRestart < 1:
+        raise UserError("--earlyRestart %s: expected a label-free score from 0 (off) to under 1" % opt.earlyRestart)
     if opt.rollback < 0 or (opt.rollback and opt.autoRestart <= 0):
         raise UserError("--rollback %d: expected 0, or a positive number with --autoRestart x (the collapse test)"
                         % opt.rollback)
@@ -627,14 +637,15 @@ class TrainingRun:
         with utils.eval_mode(*(net for _, net in self.nets.items())):
             return self.grid.save(self.nets, os.path.join(self.opt.outf, "out_%05d.png" % self.opt.iteration))
 
-    def collapse_action(self, scores):
+    def collapse_action(self, scores, label_free):
         """After the --autoRestart test: None (no collapse, or one past iteration 7000, as the
         original), "rollback" (--rollback, while some are left and a checkpoint exists) or
-        "restart" (the original's, up to iteration 7000). Told on stdout."""
+        "restart" (the original's, up to iteration 7000); without a collapse, "early_restart"
+        for a start_gone_wrong. Told on stdout."""
         opt = self.opt
         if not utils.has_collapsed([scores["train"].min_region_size, scores["val"].min_region_size],
                                    opt.autoRestart):
-            return None
+            return "early_restart" if self.start_gone_wrong(label_free.score) else None
         print("Training appear to have collapsed.")
         if opt.rollbacks < opt.rollback and checkpoint_files(opt.outf):
             print("Rolling back to %s (rollback %d of %d), with fresh noise and data order."
@@ -644,6 +655,19 @@ class TrainingRun:
             return None
         print("Reinitializing training.")
         return "restart"
+
+    def start_gone_wrong(self, label_free_score):
+        """--earlyRestart: whether the first checkpoint of a start (from scratch) scores under x
+        without labels, while restarts are left. Such a start has settled on a region netEncM
+        does not find again in its composites, and it stays there for thousands of iterations
+        before the collapse test may fire (README, the quickstart)."""
+        opt = self.opt
+        if not (opt.iteration == opt.checkpointFreq and label_free_score < opt.earlyRestart
+                and opt.earlyRestarts < EARLY_RESTARTS):
+            return False
+        print("Label-free score %.3f under --earlyRestart %s at the first checkpoint: restarting from scratch "
+              "(%d of %d)." % (label_free_score, opt.earlyRestart, opt.earlyRestarts + 1, EARLY_RESTARTS))
+        return True
 
     def record_statistics(self, scores, label_free, action, grid):
         """A record of the period in stats.jsonl, curves.png redrawn, TensorBoard (--tensorboard),
@@ -914,7 +938,7 @@ def train(opt, start=None, dist=None):
                 scores = run.score()
                 label_free = run.label_free_score()
                 grid = run.draw_sample_grid()
-                action = run.collapse_action(scores)
+                action = run.collapse_action(scores, label_free)
                 run.record_statistics(scores, label_free, action, grid)
                 if action is None:
                     run.save_checkpoint(scores["val"].iou, label_free.score)
@@ -927,6 +951,9 @@ def train(opt, start=None, dist=None):
             for name, value in decision["progress"].items():
                 setattr(opt, name, value)
             if decision["action"] == "restart":
+                run.restart()
+            elif decision["action"] == "early_restart":
+                opt.earlyRestarts += 1
                 run.restart()
             elif decision["action"] == "rollback":
                 run.rollback()

@@ -390,7 +390,7 @@ def restore_rng_states(states, cuda=torch.cuda):
 
 STATS_FILE = "stats.jsonl"
 LOSS_NAMES = ("lossG", "lossD", "err_recZ")
-EVENT_LINES = {"restart": ":", "rollback": "--"}  # how curves.png marks a period that ended in one
+EVENT_LINES = {"restart": ":", "early_restart": ":", "rollback": "--"}  # how curves.png marks a period that ended in one
 
 
 class PeriodLosses:

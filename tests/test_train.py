@@ -169,7 +169,7 @@ def test_auto_restart_only_up_to_iteration_7000(iteration, restarts, minidata_ro
     opt.iteration = iteration
     output = io.StringIO()
     with contextlib.redirect_stdout(output):
-        assert run.collapse_action(run.score()) == ("restart" if restarts else None)
+        assert run.collapse_action(run.score(), run.label_free_score()) == ("restart" if restarts else None)
     assert "Training appear to have collapsed." in output.getvalue()
     assert ("Reinitializing training." in output.getvalue()) == restarts
 
@@ -265,6 +265,33 @@ def test_rollbacks_go_back_one_checkpoint_further_each_time_in_a_row_and_go_on(m
                                                                 "state_00010.pth"]
     options = utils.load_options(outf / "options.pth")
     assert (options.rollbacks, options.rollbacksInARow, options.collapsedAt) == (2, 0, 6)
+
+
+@pytest.mark.parametrize("scores, restarted", [
+    ([0.3, 0.4, 0.2, 0.1, 0.2], 2),  # a third start as low goes on: no restart left (at most 2 here)
+    ([0.3, 0.6, 0.1, 0.2, 0.2], 1)])  # low at a later checkpoint: goes on
+def test_early_restart_leaves_a_start_that_scores_low_at_its_first_checkpoint(scores, restarted, minidata_root,
+                                                                               tmp_path, monkeypatch):
+    """--earlyRestart 0.5: a start that scores under 0.5 at its first checkpoint restarts
+    from scratch, nothing of it saved, while restarts are left; nothing else restarts."""
+    real_scores, chosen = utils.label_free_scores, iter(scores)
+    monkeypatch.setattr(utils, "label_free_scores", lambda *args: real_scores(*args)._replace(score=next(chosen)))
+    monkeypatch.setattr(train, "EARLY_RESTARTS", 2)
+    outf = tmp_path / "out"
+    result = run_script("train.py", "--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--outf", outf,
+                        "--nIteration", 10 - 2 * restarted, "--checkpointFreq", 2, "--manualSeed", 3,
+                        "--earlyRestart", 0.5, *[a for a in SMALL_RUN if a != "--silent"], cwd=tmp_path)
+    assert result.stdout.count("under --earlyRestart 0.5 at the first checkpoint") == restarted
+    for number in range(1, restarted + 1):
+        assert ("Label-free score %.3f under --earlyRestart 0.5 at the first checkpoint: restarting from scratch "
+                "(%d of 2)." % (scores[number - 1], number)) in result.stdout
+    records = [json.loads(line) for line in open(outf / "stats.jsonl")]
+    assert [(r["iteration"], r["step"], r["events"]) for r in records] == \
+        [(2, 2 * k + 2, ["early_restart"]) for k in range(restarted)] + \
+        [(2 * k + 2, 2 * (k + restarted) + 2, []) for k in range(5 - restarted)]
+    assert sorted(p.name for p in outf.glob("state_*.pth")) == ["state_%05d.pth" % (2 * k + 2)
+                                                                for k in range(5 - restarted)]
+    assert utils.load_options(outf / "options.pth").earlyRestarts == restarted
 
 
 def test_rollback_needs_the_collapse_test(minidata_root, tmp_path):
