@@ -82,7 +82,7 @@ def make_blobs(root, n=2000, seed=0):
 
 def saved_records(records):
     """The records of the checkpoints a run kept (not those it found collapsed)."""
-    return [r for r in records if not {"restart", "rollback"} & set(r["events"])]
+    return [r for r in records if not {"restart", "early_restart", "rollback"} & set(r["events"])]
 
 
 def spearman(records, key):
@@ -115,8 +115,9 @@ COMPARED = ("score", "realism", "binariness")
 
 
 def report(runs, test_folder):
-    print("| run | checkpoints | Spearman with val IoU: %s | val IoU 0.8 first: minutes (iteration) | "
-          "rollbacks, restarts | test IoU (iteration): best_unsupervised.pth | best.pth | last |" % ", ".join(COMPARED))
+    print("| run | checkpoints | Spearman with val IoU: %s | val IoU 0.8 first: minutes (iteration) | rollbacks, "
+          "restarts, early restarts | test IoU (iteration): best_unsupervised.pth | best.pth | last |"
+          % ", ".join(COMPARED))
     print("|" + " --- |" * 8)
     pooled = []
     for run in runs:
@@ -125,7 +126,8 @@ def report(runs, test_folder):
         pooled += saved
         events = [event for r in records for event in r["events"]]
         row = [run, str(len(saved)), " / ".join("%.2f" % spearman(saved, key) for key in COMPARED),
-               first_reaching(records, 0.8), "%d, %d" % (events.count("rollback"), events.count("restart"))]
+               first_reaching(records, 0.8),
+               ", ".join(str(events.count(event)) for event in ("rollback", "restart", "early_restart"))]
         last = train.newest_first(train.checkpoint_files(run))[0]
         for path in (os.path.join(run, train.BEST_LABEL_FREE), os.path.join(run, "best.pth"), last):
             opt = train.complete_options(utils.load_checkpoint(path, "cpu")["options"])
