@@ -19,6 +19,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 from PIL import Image
@@ -107,7 +108,9 @@ def test_iou(path, opt, test_folder):
     else:
         command += ["--dataset", opt.dataset, "--split", "test"] + (["--dataroot", opt.dataroot]
                                                                      if opt.dataroot else [])
-    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    with tempfile.TemporaryDirectory() as scratch:  # for the sample grid it also writes
+        output = subprocess.run(command + ["--out", os.path.join(scratch, "out.png")], capture_output=True,
+                                text=True, check=True).stdout
     return float(re.search(r"IoU ([0-9.]+)", output).group(1))
 
 
