@@ -659,8 +659,8 @@ class TrainingRun:
     def start_gone_wrong(self, label_free_score):
         """--earlyRestart: whether the first checkpoint of a start (from scratch) scores under x
         without labels, while restarts are left. Such a start has settled on a region netEncM
-        does not find again in its composites, and it stays there for thousands of iterations
-        before the collapse test may fire (README, the quickstart)."""
+        does not find again in its composites, and stays there until the collapse test fires
+        (600 to 1100 iterations later in the quickstart: README)."""
         opt = self.opt
         if not (opt.iteration == opt.checkpointFreq and label_free_score < opt.earlyRestart
                 and opt.earlyRestarts < EARLY_RESTARTS):

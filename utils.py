@@ -390,7 +390,8 @@ def restore_rng_states(states, cuda=torch.cuda):
 
 STATS_FILE = "stats.jsonl"
 LOSS_NAMES = ("lossG", "lossD", "err_recZ")
-EVENT_LINES = {"restart": ":", "early_restart": ":", "rollback": "--"}  # how curves.png marks a period that ended in one
+# how curves.png marks a period that ended in one
+EVENT_LINES = {"restart": ":", "early_restart": ":", "rollback": "--"}
 
 
 class PeriodLosses:
