@@ -14,7 +14,6 @@ DIR/test, 200 images, is the test set), each a smooth many-coloured noise backgr
 a shaded blob of random outline, size and place, as JPEG with PNG masks.
 """
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -81,9 +80,12 @@ def make_blobs(root, n=2000, seed=0):
 
 # ----------------------------------------------------------------------------- the report
 
+UNSAVED_EVENTS = ("rollback", "restart", "early_restart")  # a period that ends in one keeps no checkpoint
+
+
 def saved_records(records):
     """The records of the checkpoints a run kept (not those it found collapsed)."""
-    return [r for r in records if not {"restart", "early_restart", "rollback"} & set(r["events"])]
+    return [r for r in records if not set(UNSAVED_EVENTS) & set(r["events"])]
 
 
 def spearman(records, key):
@@ -130,7 +132,7 @@ def report(runs, test_folder):
         events = [event for r in records for event in r["events"]]
         row = [run, str(len(saved)), " / ".join("%.2f" % spearman(saved, key) for key in COMPARED),
                first_reaching(records, 0.8),
-               ", ".join(str(events.count(event)) for event in ("rollback", "restart", "early_restart"))]
+               ", ".join(str(events.count(event)) for event in UNSAVED_EVENTS)]
         last = train.newest_first(train.checkpoint_files(run))[0]
         for path in (os.path.join(run, train.BEST_LABEL_FREE), os.path.join(run, "best.pth"), last):
             opt = train.complete_options(utils.load_checkpoint(path, "cpu")["options"])
