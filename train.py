@@ -227,9 +227,9 @@ def make_parser():
                         'and go on with fresh noise and data order, at most this many times; then '
                         '--autoRestart as the original. --clean keeps this many checkpoints more')
     p.add_argument('--earlyRestart', type=float, default=0,
-                   help='restart from scratch when the label-free score at the first checkpoint of a start is '
-                        'under x (netEncM does not find again the regions it had redrawn: a start gone wrong), '
-                        'at most %d times (0: off)' % EARLY_RESTARTS)
+                   help='restart from scratch when the found-again score (label-free) at the first checkpoint of '
+                        'a start is under x (netEncM does not find again the regions it had redrawn: a start '
+                        'gone wrong), at most %d times (0: off)' % EARLY_RESTARTS)
     p.add_argument('--device', default=None, help='cpu | cuda | cuda:N (default: cuda if available, else cpu)')
     p.add_argument('--amp', default='none', choices=['none', 'bf16'],
                    help='mixed precision for the training iterations: bf16 autocast (CPU and CUDA)')
@@ -336,7 +336,7 @@ def check_options(opt):
     if opt.wrecZ < 0:
         raise UserError("--wrecZ %s: expected 0 (no noise reconstructor) or more" % opt.wrecZ)
     if not 0 <= opt.earlyRestart < 1:
-        raise UserError("--earlyRestart %s: expected a label-free score from 0 (off) to under 1" % opt.earlyRestart)
+        raise UserError("--earlyRestart %s: expected a found-again score from 0 (off) to under 1" % opt.earlyRestart)
     if opt.rollback < 0 or (opt.rollback and opt.autoRestart <= 0):
         raise UserError("--rollback %d: expected 0, or a positive number with --autoRestart x (the collapse test)"
                         % opt.rollback)
@@ -645,7 +645,7 @@ class TrainingRun:
         opt = self.opt
         if not utils.has_collapsed([scores["train"].min_region_size, scores["val"].min_region_size],
                                    opt.autoRestart):
-            return "early_restart" if self.start_gone_wrong(label_free.score) else None
+            return "early_restart" if self.start_gone_wrong(label_free.refound) else None
         print("Training appear to have collapsed.")
         if opt.rollbacks < opt.rollback and checkpoint_files(opt.outf):
             print("Rolling back to %s (rollback %d of %d), with fresh noise and data order."
@@ -656,17 +656,17 @@ class TrainingRun:
         print("Reinitializing training.")
         return "restart"
 
-    def start_gone_wrong(self, label_free_score):
-        """--earlyRestart: whether the first checkpoint of a start (from scratch) scores under x
-        without labels, while restarts are left. Such a start has settled on a region netEncM
-        does not find again in its composites, and stays there until the collapse test fires
-        (600 to 1100 iterations later in the quickstart: README)."""
+    def start_gone_wrong(self, refound):
+        """--earlyRestart: whether the first checkpoint of a start (from scratch) has a found-again
+        score (refound, utils.label_free_scores) under x, while restarts are left. Such a start
+        has settled on a region netEncM does not find again in its composites, and stays there
+        until the collapse test fires (600 to 1100 iterations later in the quickstart: README)."""
         opt = self.opt
-        if not (opt.iteration == opt.checkpointFreq and label_free_score < opt.earlyRestart
+        if not (opt.iteration == opt.checkpointFreq and refound < opt.earlyRestart
                 and opt.earlyRestarts < EARLY_RESTARTS):
             return False
-        print("Label-free score %.3f under --earlyRestart %s at the first checkpoint: restarting from scratch "
-              "(%d of %d)." % (label_free_score, opt.earlyRestart, opt.earlyRestarts + 1, EARLY_RESTARTS))
+        print("Found-again score %.3f under --earlyRestart %s at the first checkpoint: restarting from scratch "
+              "(%d of %d)." % (refound, opt.earlyRestart, opt.earlyRestarts + 1, EARLY_RESTARTS))
         return True
 
     def record_statistics(self, scores, label_free, action, grid):

@@ -196,8 +196,10 @@ def has_collapsed(min_region_sizes, threshold):
 
 
 class LabelFreeScores(NamedTuple):
-    """What ReDO's own nets say of its masks, on unlabelled images (see label_free_scores)."""
+    """What the nets and the images say of netEncM's masks, without labels (see label_free_scores)."""
     score: float
+    refound: float
+    edges: float
     realism: float
     binariness: float
     min_region_size: float
@@ -208,24 +210,29 @@ def label_free_scores(nets, images, z, batch_size):
     drawing no random number. Each region of each image is redrawn whole (the masks made
     hard: each pixel in its most likely region) with the fixed noise z (N, nMasks, nz, 1, 1),
     and
-    - score: how well netEncM finds the same regions again in the composites: the mean over
-      regions of their IoU (pixels of the region in the image and in the composite, over
-      every composite; 0 for a region that is empty in both, so a collapse scores 1/nMasks
-      at most),
+    - refound: how well netEncM finds the same regions again in the composites: the mean
+      over regions of their IoU (pixels of the region in the image and in the composite,
+      over every composite; 0 for a region that is empty in both, so a collapse scores
+      1/nMasks at most),
+    - edges: how much stronger the images' colour edges are on the boundaries between the
+      hard regions than on average (1: boundaries placed at random; 0: no boundary),
+    - score: refound * edges, the one that chooses best_unsupervised.pth,
     - realism: how often netDX ranks a composite above a real image (over all pairs; 0.5:
       it cannot tell them apart),
     - binariness: how far the soft masks are from uniform (0) towards hard (1),
     - min_region_size: the smallest region's mean size.
-    README, "Choosing a checkpoint without labels", says why the score is the first."""
+    README, "Choosing a checkpoint without labels", says why."""
     device = next(nets.netEncM.parameters()).device
     real, fake, binary, sizes = [], [], [], []
     intersection = union = 0
+    edge_on_boundaries = boundary_pixels = edge_everywhere = 0
     with eval_mode(nets.netEncM, nets.netGenX, nets.netDX), torch.inference_mode():
         for start in range(0, images.size(0), batch_size):
             x = images[start:start + batch_size].to(device)
             masks = nets.netEncM(x)
             k = masks.size(1)
-            regions = F.one_hot(masks.argmax(1), k)  # (B, H, W, K)
+            region = masks.argmax(1)  # (B, H, W)
+            regions = F.one_hot(region, k)  # (B, H, W, K)
             _, composites = models.redraw(nets.netGenX, x, regions.permute(0, 3, 1, 2).to(x.dtype),
                                           z[start:start + batch_size].to(device))
             real.append(nets.netDX(x).flatten())
@@ -237,12 +244,32 @@ def label_free_scores(nets, images, z, batch_size):
             union = union + (regions | found).sum((0, 1, 2, 3))
             binary.append(masks.max(1).values.mean((1, 2)))
             sizes.append(masks.mean((2, 3)))
+            edge, boundary = colour_edges(x.float()), region_boundaries(region)
+            edge_on_boundaries = edge_on_boundaries + (edge * boundary).sum()
+            boundary_pixels = boundary_pixels + boundary.sum()
+            edge_everywhere = edge_everywhere + edge.mean((1, 2)).sum()
     real, fake = torch.cat(real).float(), torch.cat(fake).float()
     realism = ((fake[:, None] > real[None]).float().mean() + 0.5 * (fake[:, None] == real[None]).float().mean()).item()
     refound = (intersection / union.clamp(min=1)).mean().item()
     binariness = (torch.cat(binary).mean().item() - 1 / k) / (1 - 1 / k)
     min_size = torch.cat(sizes).mean(0).min().item()
-    return LabelFreeScores(refound, realism, binariness, min_size)
+    mean_edge = edge_everywhere / images.size(0)
+    edges = (edge_on_boundaries / boundary_pixels.clamp(min=1) / mean_edge).item() if mean_edge > 0 else 0.0
+    return LabelFreeScores(refound * edges, refound, edges, realism, binariness, min_size)
+
+
+def colour_edges(x):
+    """Colour-gradient magnitude of images (B, C, H, W) by forward differences: (B, H-1, W-1)."""
+    down = x[:, :, 1:, :-1] - x[:, :, :-1, :-1]
+    right = x[:, :, :-1, 1:] - x[:, :, :-1, :-1]
+    return (down.square() + right.square()).sum(1).sqrt()
+
+
+def region_boundaries(region):
+    """Pixels of a region map (B, H, W) whose lower or right neighbour is in another region,
+    on the grid of colour_edges: (B, H-1, W-1)."""
+    here = region[:, :-1, :-1]
+    return (region[:, 1:, :-1] != here) | (region[:, :-1, 1:] != here)
 
 
 class SplitScores(NamedTuple):
@@ -481,10 +508,14 @@ def plot_curves(records, path, threshold=0.0):
     sizes.set_ylim(0, 1)
     for key, style in (("val_iou", "-"), ("val_acc", "--"), ("train_iou", ":")):
         scores.plot(steps, [r[key] if r[key] is not None else math.nan for r in records], style, label=key)
-    scores.plot(steps, [r.get("label_free", {}).get("score", math.nan) for r in records], "-", color="black",
-                linewidth=0.8, label="label-free score")
-    scores.set_ylabel("accuracy / IoU / score")
+    scores.set_ylabel("accuracy / IoU")
     scores.set_ylim(0, 1)
+    label_free = scores.twinx()  # the score is not a fraction: its own scale, on the right
+    label_free.plot(steps, [r.get("label_free", {}).get("score", math.nan) for r in records], "-", color="black",
+                    linewidth=0.8, label="label-free score")
+    label_free.set_ylabel("label-free score")
+    label_free.set_ylim(bottom=0)
+    label_free.legend(fontsize=7, loc="lower right")
     scores.set_xlabel("iterations trained")
     for axes in (losses, sizes, scores):
         for r in records:

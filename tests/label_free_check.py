@@ -8,6 +8,8 @@ labels"); not collected by pytest.
     # IoU over its checkpoints, minutes to a validation IoU of 0.8, collapses, and the test IoU
     # of best_unsupervised.pth, best.pth and the last checkpoint: a Markdown table
     python tests/label_free_check.py report RUN [RUN ...] [--test-folder DIR/test]
+    # the checkpoints a finished run kept, scored again with this code: what it chooses
+    python tests/label_free_check.py rescore RUN [RUN ...] [--test-folder DIR/test]
 
 `blobs` writes DIR/{train,test}/{images,masks}: 2000 and 2000 images (the held-out tenth of
 DIR/test, 200 images, is the test set), each a smooth many-coloured noise background with
@@ -26,6 +28,7 @@ from scipy import stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import datasets  # noqa: E402
 import train  # noqa: E402
 import utils  # noqa: E402
 
@@ -116,7 +119,7 @@ def test_iou(path, opt, test_folder):
     return float(re.search(r"IoU ([0-9.]+)", output).group(1))
 
 
-COMPARED = ("score", "realism", "binariness")
+COMPARED = ("score", "refound", "edges", "realism", "binariness")
 
 
 def report(runs, test_folder):
@@ -142,6 +145,33 @@ def report(runs, test_folder):
         "%.2f" % spearman(pooled, key) for key in COMPARED)))
 
 
+def rescore(runs, test_folder):
+    """Score again, with this code, every checkpoint a finished run still has (a rollback or
+    restart overwrites some): the checkpoint the label-free score chooses among them and its
+    test IoU. For a run that overwrote none, the choice the run would make today."""
+    print("| run | checkpoints | Spearman with val IoU: %s | chosen: iteration, val IoU, test IoU |"
+          % ", ".join(COMPARED))
+    print("|" + " --- |" * 4)
+    for run in runs:
+        logged, _ = utils.read_stats(os.path.join(run, utils.STATS_FILE))
+        val_iou = {r["iteration"]: r["val_iou"] for r in saved_records(logged)}  # the last one saved
+        paths = sorted(train.checkpoint_files(run))
+        opt = train.complete_options(utils.load_checkpoint(paths[0], "cpu")["options"])
+        images, noise = train.label_free_inputs(datasets.make_dataset(opt.dataset, opt.dataroot, "val", opt.sizex,
+                                                                      opt.maskroot), opt)
+        records = []
+        for path in paths:
+            state = utils.load_checkpoint(path, "cpu")
+            nets = utils.load_nets(state, ("netEncM", "netGenX", "netDX"), path=path)
+            iteration = state["options"].iteration
+            records.append({"path": path, "iteration": iteration, "val_iou": val_iou[iteration],
+                            "label_free": utils.label_free_scores(nets, images, noise, 32)._asdict()})
+        chosen = max(records, key=lambda r: r["label_free"]["score"])
+        print("| %s | %d | %s | %d, %.3f, %.3f |" % (
+            run, len(records), " / ".join("%.2f" % spearman(records, key) for key in COMPARED), chosen["iteration"],
+            chosen["val_iou"], test_iou(chosen["path"], opt, test_folder)), flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -150,12 +180,17 @@ def main():
     rep = sub.add_parser("report", help="how the score chose in finished runs")
     rep.add_argument("runs", nargs="+")
     rep.add_argument("--test-folder", help="score on the held-out images of this folder (IMAGES, MASKS inside)")
+    again = sub.add_parser("rescore", help="score a finished run's checkpoints again with this code")
+    again.add_argument("runs", nargs="+")
+    again.add_argument("--test-folder", help="as for report")
     args = p.parse_args()
     if args.command == "blobs":
         make_blobs(os.path.join(args.root, "train"), seed=0)
         make_blobs(os.path.join(args.root, "test"), seed=1)
-    else:
+    elif args.command == "report":
         report(args.runs, args.test_folder)
+    else:
+        rescore(args.runs, args.test_folder)
 
 
 if __name__ == "__main__":

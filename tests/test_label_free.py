@@ -36,14 +36,14 @@ def test_the_score_is_deterministic_and_changes_nothing():
     assert [name for name, _ in after] == [name for name, _ in before]
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(after, before))
     assert all(net.training for _, net in nets.items())
-    assert 0 <= first.realism <= 1 and 0 <= first.score <= 1 and 0 <= first.binariness <= 1
-    assert first.min_region_size <= 0.5
+    assert 0 <= first.realism <= 1 and 0 <= first.refound <= 1 and 0 <= first.binariness <= 1
+    assert first.min_region_size <= 0.5 and first.score == first.refound * first.edges
 
 
 def test_the_parts_see_what_they_measure():
     """Hard masks are binary (1), uniform ones are not (0); a mask extractor that puts every
     pixel in one region finds that region again in every composite, and the other nowhere:
-    a collapse scores 1/2 for two regions."""
+    a collapse is found again 1/2 for two regions, has no boundary, and scores 0."""
     nets, images, noise = small_nets_and_inputs()
 
     class Constant(torch.nn.Module):
@@ -58,9 +58,40 @@ def test_the_parts_see_what_they_measure():
 
     nets.netEncM = Constant(1.0)
     hard = utils.label_free_scores(nets, images, noise, 4)
-    assert (hard.binariness, hard.score, hard.min_region_size) == (1.0, 0.5, 0.0)
+    assert (hard.binariness, hard.refound, hard.edges, hard.score, hard.min_region_size) == (1.0, 0.5, 0.0, 0.0, 0.0)
     nets.netEncM = Constant(0.5)
     assert utils.label_free_scores(nets, images, noise, 4).binariness == 0.0
+
+
+class LShapedSplit(torch.nn.Module):
+    """A mask extractor: region 1 from `column` on and from row 100 down, region 0 elsewhere."""
+    def __init__(self, column):
+        super().__init__()
+        self.column = column
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # the device is read from a parameter
+
+    def forward(self, x):
+        m1 = torch.zeros_like(x[:, :1])
+        m1[..., self.column:] = 1
+        m1[..., 100:, :] = 1
+        return torch.cat([1 - m1, m1], 1)
+
+
+def test_edges_rank_boundaries_by_the_image_edges_they_lie_on():
+    """Images dark left of column 40 and bright from it on have an edge on one column of the
+    differences' grid (W - 1 = 127 columns): a boundary on it for 100 of its 139 pixels (the
+    other 39 along row 99, across flat colour) scores 127 * 100 / 139; with the edge moved
+    away, 0; images without edges, 0."""
+    nets, _, noise = small_nets_and_inputs()
+    images = torch.full((6, 3, 128, 128), -1.0)
+    images[..., 40:] = 1.0
+    nets.netEncM = LShapedSplit(40)
+    on_the_edge = utils.label_free_scores(nets, images, noise, 4)
+    assert abs(on_the_edge.edges - 127 * 100 / 139) < 1e-3
+    assert on_the_edge.score == on_the_edge.refound * on_the_edge.edges
+    images[..., 40:100] = -1.0  # the edge moved to column 100, away from the boundary
+    assert utils.label_free_scores(nets, images, noise, 4).edges == 0.0
+    assert utils.label_free_scores(nets, torch.zeros_like(images), noise, 4).edges == 0.0
 
 
 def test_a_folder_without_masks_keeps_its_best_label_free_checkpoint_and_it_loads(tmp_path, monkeypatch):

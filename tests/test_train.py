@@ -272,10 +272,10 @@ def test_rollbacks_go_back_one_checkpoint_further_each_time_in_a_row_and_go_on(m
     ([0.3, 0.6, 0.1, 0.2, 0.2], 1)])  # low at a later checkpoint: goes on
 def test_early_restart_leaves_a_start_that_scores_low_at_its_first_checkpoint(scores, restarted, minidata_root,
                                                                                tmp_path, monkeypatch):
-    """--earlyRestart 0.5: a start that scores under 0.5 at its first checkpoint restarts
-    from scratch, nothing of it saved, while restarts are left; nothing else restarts."""
+    """--earlyRestart 0.5: a start whose found-again score is under 0.5 at its first checkpoint
+    restarts from scratch, nothing of it saved, while restarts are left; nothing else restarts."""
     real_scores, chosen = utils.label_free_scores, iter(scores)
-    monkeypatch.setattr(utils, "label_free_scores", lambda *args: real_scores(*args)._replace(score=next(chosen)))
+    monkeypatch.setattr(utils, "label_free_scores", lambda *args: real_scores(*args)._replace(refound=next(chosen)))
     monkeypatch.setattr(train, "EARLY_RESTARTS", 2)
     outf = tmp_path / "out"
     result = run_script("train.py", "--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--outf", outf,
@@ -283,7 +283,7 @@ def test_early_restart_leaves_a_start_that_scores_low_at_its_first_checkpoint(sc
                         "--earlyRestart", 0.5, *[a for a in SMALL_RUN if a != "--silent"], cwd=tmp_path)
     assert result.stdout.count("under --earlyRestart 0.5 at the first checkpoint") == restarted
     for number in range(1, restarted + 1):
-        assert ("Label-free score %.3f under --earlyRestart 0.5 at the first checkpoint: restarting from scratch "
+        assert ("Found-again score %.3f under --earlyRestart 0.5 at the first checkpoint: restarting from scratch "
                 "(%d of 2)." % (scores[number - 1], number)) in result.stdout
     records = [json.loads(line) for line in open(outf / "stats.jsonl")]
     assert [(r["iteration"], r["step"], r["events"]) for r in records] == \
