@@ -164,6 +164,8 @@ def rescore(runs, test_folder):
             state = utils.load_checkpoint(path, "cpu")
             nets = utils.load_nets(state, ("netEncM", "netGenX", "netDX"), path=path)
             iteration = state["options"].iteration
+            if iteration not in val_iou:  # a stop's checkpoint, not scored in the run
+                continue
             records.append({"path": path, "iteration": iteration, "val_iou": val_iou[iteration],
                             "label_free": utils.label_free_scores(nets, images, noise, 32)._asdict()})
         chosen = max(records, key=lambda r: r["label_free"]["score"])
