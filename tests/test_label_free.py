@@ -40,41 +40,36 @@ def test_the_score_is_deterministic_and_changes_nothing():
     assert first.min_region_size <= 0.5 and first.score == first.refound * first.edges
 
 
+class FixedMasks(torch.nn.Module):
+    """A mask extractor of two regions that ignores the images: region 0 is mask0(x)."""
+    def __init__(self, mask0):
+        super().__init__()
+        self.mask0 = mask0
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # the device is read from a parameter
+
+    def forward(self, x):
+        m0 = self.mask0(x)
+        return torch.cat([m0, 1 - m0], 1)
+
+
 def test_the_parts_see_what_they_measure():
     """Hard masks are binary (1), uniform ones are not (0); a mask extractor that puts every
     pixel in one region finds that region again in every composite, and the other nowhere:
     a collapse is found again 1/2 for two regions, has no boundary, and scores 0."""
     nets, images, noise = small_nets_and_inputs()
-
-    class Constant(torch.nn.Module):
-        def __init__(self, region0):
-            super().__init__()
-            self.region0 = region0
-            self.anchor = torch.nn.Parameter(torch.zeros(()))  # the device is read from a parameter
-
-        def forward(self, x):
-            m0 = torch.full_like(x[:, :1], self.region0)
-            return torch.cat([m0, 1 - m0], 1)
-
-    nets.netEncM = Constant(1.0)
+    nets.netEncM = FixedMasks(lambda x: torch.ones_like(x[:, :1]))
     hard = utils.label_free_scores(nets, images, noise, 4)
     assert (hard.binariness, hard.refound, hard.edges, hard.score, hard.min_region_size) == (1.0, 0.5, 0.0, 0.0, 0.0)
-    nets.netEncM = Constant(0.5)
+    nets.netEncM = FixedMasks(lambda x: torch.full_like(x[:, :1], 0.5))
     assert utils.label_free_scores(nets, images, noise, 4).binariness == 0.0
 
 
-class LShapedSplit(torch.nn.Module):
-    """A mask extractor: region 1 from `column` on and from row 100 down, region 0 elsewhere."""
-    def __init__(self, column):
-        super().__init__()
-        self.column = column
-        self.anchor = torch.nn.Parameter(torch.zeros(()))  # the device is read from a parameter
-
-    def forward(self, x):
-        m1 = torch.zeros_like(x[:, :1])
-        m1[..., self.column:] = 1
-        m1[..., 100:, :] = 1
-        return torch.cat([1 - m1, m1], 1)
+def l_shaped_background(x, column):
+    """Region 0 left of `column` and above row 100, region 1 elsewhere."""
+    m0 = torch.ones_like(x[:, :1])
+    m0[..., column:] = 0
+    m0[..., 100:, :] = 0
+    return m0
 
 
 def test_edges_rank_boundaries_by_the_image_edges_they_lie_on():
@@ -85,7 +80,7 @@ def test_edges_rank_boundaries_by_the_image_edges_they_lie_on():
     nets, _, noise = small_nets_and_inputs()
     images = torch.full((6, 3, 128, 128), -1.0)
     images[..., 40:] = 1.0
-    nets.netEncM = LShapedSplit(40)
+    nets.netEncM = FixedMasks(lambda x: l_shaped_background(x, 40))
     on_the_edge = utils.label_free_scores(nets, images, noise, 4)
     assert abs(on_the_edge.edges - 127 * 100 / 139) < 1e-3
     assert on_the_edge.score == on_the_edge.refound * on_the_edge.edges
