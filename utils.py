@@ -417,8 +417,8 @@ def restore_rng_states(states, cuda=torch.cuda):
 
 STATS_FILE = "stats.jsonl"
 LOSS_NAMES = ("lossG", "lossD", "err_recZ")
-# how curves.png marks a period that ended in one
-EVENT_LINES = {"restart": ":", "early_restart": ":", "rollback": "--"}
+# the events that end a period without a checkpoint, and how curves.png marks them
+EVENT_LINES = {"rollback": "--", "restart": ":", "early_restart": ":"}
 
 
 class PeriodLosses:

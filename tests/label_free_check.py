@@ -83,7 +83,7 @@ def make_blobs(root, n=2000, seed=0):
 
 # ----------------------------------------------------------------------------- the report
 
-UNSAVED_EVENTS = ("rollback", "restart", "early_restart")  # a period that ends in one keeps no checkpoint
+UNSAVED_EVENTS = tuple(utils.EVENT_LINES)  # a period that ends in one keeps no checkpoint
 
 
 def saved_records(records):
