@@ -68,6 +68,7 @@ def test_cmnist_says_when_mnist_cannot_be_had(tmp_path):
     (["--nMasks", "1"], "--nMasks 1: ReDO needs at least 2 regions"),
     (["--batchSize", "0"], "--batchSize 0: expected a positive number"),
     (["--earlyRestart", "1"], "--earlyRestart 1.0: expected a found-again score from 0 (off) to under 1"),
+    (["--nTrainScore", "1"], "--nTrainScore 1: expected 0 (the whole training split) or at least --batchSize (2) images"),
     (["--nTest", "50"], "the test split of --dataset flowers has 4 images; --nTest 50 needs at least 50: add images or lower --nTest"),
     (["--dataroot", "/nonexistent"], "--dataroot /nonexistent: no such folder"),
 ])

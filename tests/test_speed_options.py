@@ -1,5 +1,5 @@
 """The speed options keep the numbers: cache-blocked attention, fused convolutions, --amp bf16,
---cacheData, --compile; and freed memory is reused on the CPU."""
+--cacheData, --compile, --nTrainScore; and freed memory is reused on the CPU."""
 import os
 import platform
 import subprocess
@@ -8,10 +8,11 @@ import sys
 import pytest
 import torch
 
+import datasets
 import models
 import train
 import utils
-from conftest import ROOT, SMALL_RUN, is_free_bias, run_script, training_options
+from conftest import ROOT, SMALL_RUN, is_free_bias, read_dat, run_script, training_options
 
 
 @pytest.mark.parametrize("n_queries", [1024, 1100])  # a whole number of blocks, and not
@@ -157,6 +158,28 @@ def test_cached_data_gives_the_same_run(minidata_root, tmp_path):
             assert torch.equal(disk[name][key], cached[name][key]), (name, key)
     assert (tmp_path / "disk" / "val.dat").read_text() == (tmp_path / "cached" / "val.dat").read_text()
 
+
+
+def test_nTrainScore_scores_the_first_training_images_and_trains_the_same(minidata_root, tmp_path):
+    """--nTrainScore 2 (one batch): train.dat holds the scores of the first 2 of the 6 training
+    images; the run draws the same random numbers, so its weights are those of a run that scores
+    the whole split."""
+    args = ["--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--nIteration", 3,
+            "--checkpointFreq", 2, "--manualSeed", 2, *SMALL_RUN]
+    run_script("train.py", *args, "--outf", tmp_path / "whole", cwd=tmp_path)
+    run_script("train.py", *args, "--outf", tmp_path / "first", "--nTrainScore", 2, cwd=tmp_path)
+    whole = utils.load_checkpoint(tmp_path / "whole" / "state_00004.pth")
+    first = utils.load_checkpoint(tmp_path / "first" / "state_00004.pth")
+    for name in ("netEncM", "netGenX", "netDX", "netRecZ"):
+        for key in whole[name]:
+            assert torch.equal(whole[name][key], first[name][key]), (name, key)
+    trainset = datasets.make_dataset("flowers", minidata_root / "flowers", "train")
+    first_two = torch.utils.data.DataLoader(torch.utils.data.Subset(trainset, range(2)), batch_size=2)
+    for iteration, acc, iou in read_dat(tmp_path / "first" / "train.dat"):
+        state = utils.load_checkpoint(tmp_path / "first" / ("state_%05d.pth" % iteration))
+        expected = utils.evaluate(utils.load_nets(state, ["netEncM"]).netEncM, first_two, "cpu")
+        assert (acc, iou) == pytest.approx((expected.acc, expected.iou), abs=1e-6)
+    assert read_dat(tmp_path / "first" / "train.dat") != read_dat(tmp_path / "whole" / "train.dat")
 
 def spy_on_iterations(monkeypatch):
     """Record, for each training iteration train.py runs, the dtype in which netGenX drew
