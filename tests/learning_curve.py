@@ -14,9 +14,9 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICKSTART = ["--dataset", "synthetic", "--nf", "8", "--nfM", "32", "--batchSize", "8", "--lrM", "1e-4",
+QUICKSTART = ["--dataset", "synthetic", "--nf", "8", "--nfM", "32", "--batchSize", "8", "--lrM", "2e-4",
               "--dStepFreq", "2", "--autoRestart", ".05", "--rollback", "3", "--earlyRestart", ".55",
-              "--checkpointFreq", "100", "--clean", "--cacheData", "--workers", "1", "--nIteration", "100000",
+              "--checkpointFreq", "100", "--nTrainScore", "200", "--clean", "--cacheData", "--workers", "1", "--nIteration", "100000",
               "--manualSeed", "1", "--silent"]
 
 
