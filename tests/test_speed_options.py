@@ -126,7 +126,8 @@ def test_compiled_spectral_norm_has_the_eager_gradient(calls):
     x = torch.randn(2, 3, 8, 8)
     for conv in (eager, compiled):
         sum(conv(x * (i + 1)).square().sum() for i in range(calls)).backward()
-    torch.testing.assert_close(compiled.weight_orig.grad, eager.weight_orig.grad, rtol=1e-4, atol=1e-5)
+    # measured: 7.2e-5 at most (2 calls, an AVX2 Zen 3 EPYC); a wrong gradient is off by its own size
+    torch.testing.assert_close(compiled.weight_orig.grad, eager.weight_orig.grad, rtol=1e-4, atol=1.5e-4)
     torch.testing.assert_close(compiled.weight_u, eager.weight_u)
     torch.testing.assert_close(compiled.weight_v, eager.weight_v)
 
