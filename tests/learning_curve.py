@@ -16,8 +16,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = ["--dataset", "synthetic", "--nf", "8", "--nfM", "32", "--batchSize", "8", "--lrM", "2e-4",
               "--dStepFreq", "2", "--autoRestart", ".05", "--rollback", "3", "--earlyRestart", ".55",
-              "--checkpointFreq", "100", "--nTrainScore", "200", "--clean", "--cacheData", "--workers", "1", "--nIteration", "100000",
-              "--manualSeed", "1", "--silent"]
+              "--checkpointFreq", "100", "--nTrainScore", "200", "--clean", "--cacheData", "--workers", "1",
+              "--nIteration", "100000", "--manualSeed", "1", "--silent"]
 
 
 def main():

@@ -160,7 +160,6 @@ def test_cached_data_gives_the_same_run(minidata_root, tmp_path):
     assert (tmp_path / "disk" / "val.dat").read_text() == (tmp_path / "cached" / "val.dat").read_text()
 
 
-
 def test_nTrainScore_scores_the_first_training_images_and_trains_the_same(minidata_root, tmp_path):
     """--nTrainScore 2 (one batch): train.dat holds the scores of the first 2 of the 6 training
     images; the run draws the same random numbers, so its weights are those of a run that scores
@@ -181,6 +180,7 @@ def test_nTrainScore_scores_the_first_training_images_and_trains_the_same(minida
         expected = utils.evaluate(utils.load_nets(state, ["netEncM"]).netEncM, first_two, "cpu")
         assert (acc, iou) == pytest.approx((expected.acc, expected.iou), abs=1e-6)
     assert read_dat(tmp_path / "first" / "train.dat") != read_dat(tmp_path / "whole" / "train.dat")
+
 
 def spy_on_iterations(monkeypatch):
     """Record, for each training iteration train.py runs, the dtype in which netGenX drew
