@@ -174,6 +174,7 @@ def training_iteration(nets, optimizers, xData, xReal, zData, opt, iteration, mo
 # ----------------------------------------------------------------------------- options
 
 EARLY_RESTARTS = 5  # at most, in a run: each costs a checkpoint period
+ROLLBACK_SEED_STRIDE = 1000003  # rollback k reseeds with --manualSeed + k * this prime: seeds no run shares
 
 
 def make_parser():
@@ -633,6 +634,13 @@ class TrainingRun:
             utils.append_line(os.path.join(self.opt.outf, split + ".dat"), "%d %s %s" % (self.opt.iteration, acc, iou))
         return scores
 
+    def drop_last_scores(self):
+        """Take back the lines score() just appended: --earlyRestart keeps nothing of the start
+        it abandons (its record in stats.jsonl stays, with the event)."""
+        for name in DAT_FILES:
+            path = os.path.join(self.opt.outf, name)
+            utils.truncate_lines(path, utils.count_lines(path) - 1)
+
     def label_free_score(self):
         """The label-free scores of the masks on the first validation images (no ground truth
         read, no random number drawn)."""
@@ -792,7 +800,7 @@ class TrainingRun:
         opt.rollbacksInARow += 1
         self.load_nets_and_optimizers(path, state)
         opt.iteration = state["options"].iteration
-        utils.seed_everything(opt.manualSeed + 1000003 * opt.rollbacks)
+        utils.seed_everything(opt.manualSeed + ROLLBACK_SEED_STRIDE * opt.rollbacks)
         self.genData, self.disData = self.batch_stream(), self.batch_stream()
 
     def stop(self, signum):
@@ -952,6 +960,8 @@ def train(opt, start=None, dist=None):
                 run.record_statistics(scores, label_free, action, grid)
                 if action is None:
                     run.save_checkpoint(scores["val"].iou, label_free.score)
+                elif action == "early_restart":
+                    run.drop_last_scores()
                 decision = {"action": action, "rng": utils.rng_states(),
                             "progress": {name: getattr(opt, name) for name in SHARED_PROGRESS}}
             else:

@@ -484,10 +484,15 @@ def continue_stats(path, kept_lines, own_record):
 
 
 def plot_curves(records, path, threshold=0.0):
-    """curves.png: the period means of the losses, each region's mean size on train and
-    validation (with the --autoRestart threshold), and accuracy / IoU / label-free score,
-    against iterations trained (counted on across restarts and rollbacks, marked by dotted
-    and dashed lines)."""
+    """curves.png (curves_figure)."""
+    fig = curves_figure(records, threshold)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90))
+
+
+def curves_figure(records, threshold=0.0):
+    """The period means of the losses, each region's mean size on train and validation (with
+    the --autoRestart threshold), and accuracy / IoU / label-free score, against iterations
+    trained (counted on across restarts and rollbacks, marked by dotted and dashed lines)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     fig = Figure(figsize=(8, 9))
@@ -525,7 +530,7 @@ def plot_curves(records, path, threshold=0.0):
         axes.grid(alpha=0.3)
         axes.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90))
+    return fig
 
 
 def tensorboard_writer(outf, purge_step=None):

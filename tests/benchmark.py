@@ -272,6 +272,7 @@ def main():
     print("device %s, torch %s, %d threads" % (args.device, torch.__version__, torch.get_num_threads()))
     print("| configuration | implementation | mode | s / iteration | images / s | peak memory (MB) | speed-up vs original |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
+    failed = []
     for config in args.configs.split(","):
         runs = ([("original", "fp32")] if args.original else []) + [("ours", m) for m in args.modes.split(",")]
         rounds = [measure_round(config, runs, args) for _ in range(args.rounds)]
@@ -279,6 +280,7 @@ def main():
             results = [r[run] for r in rounds if "error" not in r[run]]
             if not results:
                 print("| %s | %s | %s | failed: %s | | | |" % (config, *run, rounds[-1][run]["error"]))
+                failed.append("%s %s %s" % (config, *run))
                 continue
             ratios = [r[("original", "fp32")]["seconds"] / r[run]["seconds"] for r in rounds
                       if args.original and "error" not in r[run] and "error" not in r[("original", "fp32")]]
@@ -298,6 +300,9 @@ def main():
     if not args.skip_data:
         for name, value in measure_data([0, 2, 4]).items():
             print("data loader, %s: %.0f images/s" % (name, value))
+    if failed:
+        sys.exit("benchmark: %d measurement%s failed: %s" % (len(failed), "" if len(failed) == 1 else "s",
+                                                            ", ".join(failed)))
 
 
 if __name__ == "__main__":

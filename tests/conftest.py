@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import warnings
 
 import pytest
@@ -28,6 +29,18 @@ def vectors():
 @pytest.fixture(scope="session")
 def fixture_options():
     return utils.load_checkpoint(os.path.join(FIXTURES, "redo_small_nets_state.pth"))["options"]
+
+
+TEST_TIMEOUT = 300
+"""Seconds a test may take (pytest-timeout) unless it says otherwise: the slowest takes about
+a minute on a 2-core AVX2 EPYC."""
+
+
+def pytest_collection_modifyitems(items):
+    """Every test is bounded: a hang fails with its traceback instead of holding the suite."""
+    for item in items:
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(TEST_TIMEOUT))
 
 
 def fixture_path(name):
@@ -200,6 +213,53 @@ def named_tensors(tree, prefix=""):
     if isinstance(tree, (list, tuple)):
         return [item for i, v in enumerate(tree) for item in named_tensors(v, "%s.%d" % (prefix, i))]
     return []
+
+
+_SAVED_AS_FROM = []  # while not empty: the device torch.save records for every storage
+
+
+def _recorded_device(storage):
+    return _SAVED_AS_FROM[-1] if _SAVED_AS_FROM else None
+
+
+torch.serialization.register_package(1, _recorded_device, lambda storage, location: None)
+
+
+def save_as_if_from(device, obj, path):
+    """torch.save in the legacy format of PyTorch 1.0, recording every storage as on `device`
+    (as the published weights, saved from cuda:0), on a machine that may not have it."""
+    _SAVED_AS_FROM.append(device)
+    try:
+        torch.save(obj, path, _use_new_zipfile_serialization=False)
+    finally:
+        _SAVED_AS_FROM.pop()
+
+
+@pytest.fixture(scope="session")
+def weights_from_cuda(tmp_path_factory):
+    """The fixtures' published-format checkpoints and the original's state_00002.pth, saved as
+    from cuda:0: {name: path} for nets.pth, netM.pth, their .tar.gz, and state_00002.pth."""
+    folder = tmp_path_factory.mktemp("weights_from_cuda")
+    sources = {"nets.pth": "redo_small_nets_state.pth", "netM.pth": "redo_small_netM_state.pth",
+               "state_00002.pth": "original_state_00002.pth"}
+    paths = {}
+    for name, source in sources.items():
+        paths[name] = folder / name
+        save_as_if_from("cuda:0", utils.load_checkpoint(fixture_path(source)), paths[name])
+    for name in ("nets.pth", "netM.pth"):
+        paths[name + ".tar.gz"] = folder / (name[:-4] + ".tar.gz")
+        with tarfile.open(paths[name + ".tar.gz"], "w:gz") as archive:
+            archive.add(paths[name], arcname="redo/" + name)
+    return paths
+
+
+def assert_same_tensors(a, b):
+    """The same tensors under the same names (nested state dicts), bit for bit."""
+    named_a, named_b = named_tensors(a), named_tensors(b)
+    assert [name for name, _ in named_a] == [name for name, _ in named_b]
+    assert named_a, "nothing to compare"
+    for (name, ta), (_, tb) in zip(named_a, named_b):
+        assert torch.equal(ta, tb), name
 
 
 def force_collapse(path):

@@ -33,6 +33,7 @@ def main():
     print("# minutes iteration val_accuracy val_IoU", flush=True)
     start = time.time()
     process = subprocess.Popen(command, start_new_session=True)  # its own group, loader workers included
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit("learning_curve: stopped by SIGTERM"))  # (finally)
     seen, best = 0, float("nan")
     val = os.path.join(outf, "val.dat")
     try:
@@ -55,6 +56,8 @@ def main():
     print("# best validation IoU %.4f within %.1f minutes" % (best, (time.time() - start) / 60))
     if exit_status not in (None, 0):
         sys.exit("train.py failed (exit status %d): its output is above" % process.returncode)
+    if not seen:
+        sys.exit("train.py reached no checkpoint in %g minutes" % args.minutes)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,20 @@
 """Every branch the code takes by device type, exercised on the CPU; the same tests run on a
 GPU with REDO_TEST_DEVICE=cuda (tests/gpu_check.py)."""
 
+import os
+import sys
+import time
+
 import pytest
 import torch
 
 import models
 import train
 import utils
-from conftest import SMALL_RUN, fixture_path, named_tensors, run_process, run_script
+from conftest import SMALL_RUN, named_tensors, run_process, run_script
+
+TINY_TRAINING = ["--dataset", "synthetic", "--nf", 4, "--batchSize", 2, "--nIteration", 100000, "--workers", 0,
+                 "--device", "cpu", "--silent"]
 
 
 def test_sdpa_attention_gives_the_cpu_kernels_numbers(test_device):
@@ -24,6 +31,15 @@ def test_sdpa_attention_gives_the_cpu_kernels_numbers(test_device):
     for fused, blocked in zip(outputs[True], outputs[False]):
         torch.testing.assert_close(fused, blocked, rtol=1e-4, atol=1e-5)
     assert models.attention(q, k, v).device == test_device
+
+
+def test_attention_takes_the_fused_kernel_by_default_on_a_gpu_only(test_device, monkeypatch):
+    calls, fused = [], torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *args, **kwargs: calls.append(args[0].device) or fused(*args, **kwargs))
+    q, k, v = (torch.randn(2, n, 4, device=test_device) for n in (64, 16, 16))
+    models.attention(q, k, v)
+    assert calls == ([q.device] if test_device.type == "cuda" else [])
 
 
 class TwoFakeGPUs:
@@ -69,10 +85,10 @@ def test_real_gpu_random_states_round_trip(test_device):
     assert torch.equal(torch.rand(3, device=test_device), first)
 
 
-def test_checkpoints_load_onto_the_target_device():
+def test_checkpoints_load_onto_the_target_device(weights_from_cuda):
     """Every tensor of a checkpoint saved from cuda:0, optimizer states included, is mapped
     to the device asked for (here 'meta', a device without memory, which any machine has)."""
-    state = utils.load_checkpoint(fixture_path("original_state_00002.pth"), "meta")
+    state = utils.load_checkpoint(weights_from_cuda["state_00002.pth"], "meta")
     tensors = [t for key in state if key.startswith(("net", "optimizer")) for _, t in named_tensors(state[key])]
     assert len(tensors) > 100 and all(t.device.type == "meta" for t in tensors)
 
@@ -116,3 +132,44 @@ def test_gpu_check_says_in_one_line_that_there_is_no_cuda(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().startswith("gpu_check: CUDA is not available on this machine")
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "report").exists()
+
+
+def test_gpu_check_fails_a_step_that_fails_in_part(tmp_path):
+    """A crashed command, a benchmark with one crashed measurement (here the original's, from a
+    folder without it), a training that reaches no checkpoint: each fails its step."""
+    import gpu_check
+    python = [sys.executable, "-X", "faulthandler"]
+    steps = {"crash": python + ["-c", "import sys; sys.exit(3)"],
+             "benchmark": python + ["tests/benchmark.py", "--configs", "small", "--modes", "fp32", "--iterations", 1,
+                                    "--skip-data", "--device", "cpu", "--original", tmp_path / "no_original"],
+             "training": python + ["tests/learning_curve.py", "--minutes", 0.05, "--outf", tmp_path / "run", "--",
+                                   *TINY_TRAINING, "--checkpointFreq", 100000]}
+    for name, command in steps.items():
+        status, _, tail = gpu_check.run_step(name, [str(c) for c in command], 120, str(tmp_path))
+        assert status.startswith("failed (exit status"), (name, status, tail)
+    assert tail[-1] == "train.py reached no checkpoint in 0.05 minutes"
+
+
+def test_gpu_check_ends_every_process_of_a_step_out_of_time(tmp_path):
+    """learning_curve.py starts train.py in a process group of its own: a step out of time
+    leaves neither running."""
+    import gpu_check
+    outf = tmp_path / "run"
+    command = [sys.executable, "tests/learning_curve.py", "--minutes", 5, "--outf", outf, "--", *TINY_TRAINING]
+    status, _, tail = gpu_check.run_step("training", [str(c) for c in command], 10, str(tmp_path))
+    assert status == "ran out of its 10 s", tail
+    time.sleep(1)
+    assert not processes_naming(str(outf)), tail
+
+
+def processes_naming(text):
+    """The pids of this machine's processes whose command line holds text."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open("/proc/%s/cmdline" % pid, "rb") as f:
+                if text.encode() in f.read():
+                    pids.append(int(pid))
+        except OSError:  # ended meanwhile
+            pass
+    return pids

@@ -10,9 +10,10 @@ import torch
 
 import datasets
 import utils
-from conftest import ROOT, assert_weights_retrace, force_collapse, run_script
+from conftest import ROOT, assert_same_tensors, assert_weights_retrace, force_collapse, run_script
 
 THREADS = torch.get_num_threads()
+NETS = ("netEncM", "netGenX", "netDX", "netRecZ")
 
 RANK_SCRIPT = """
 import sys, torch
@@ -24,6 +25,14 @@ argv = sys.argv[1:]
 if %(collapses)r:  # the checkpoints (counted from 1) at which rank 0's collapse test fires
     calls = []
     utils.has_collapsed = lambda sizes, threshold: calls.append(sizes) or len(calls) in %(collapses)r
+if %(signal_at)r:  # (rank, iteration): that rank sends itself SIGTERM inside that iteration
+    import os, signal
+    iterate = train.training_iteration
+    def training_iteration(nets, optimizers, xData, xReal, zData, opt, iteration, *rest):
+        if (int(os.environ["RANK"]), iteration) == %(signal_at)r:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return iterate(nets, optimizers, xData, xReal, zData, opt, iteration, *rest)
+    train.training_iteration = training_iteration
 opt, start = train.resolve_options(train.make_parser().parse_args(argv), train.explicit_flags(argv))
 dist = train.Distributed.from_environment(opt)
 batches = log_batches(datasets.ShardedBatchSampler)
@@ -54,11 +63,20 @@ def free_port():
         return s.getsockname()[1]
 
 
-def torchrun(script, args, cwd, nproc=2):
+def rank_script(tmp_path, collapses=(), signal_at=None):
+    """RANK_SCRIPT, written to tmp_path: collapses forced at the checkpoints numbered
+    `collapses`; SIGTERM raised by rank signal_at[0] inside iteration signal_at[1]."""
+    script = tmp_path / "rank_script.py"
+    script.write_text(RANK_SCRIPT % {"root": ROOT, "tests": os.path.join(ROOT, "tests"), "collapses": collapses,
+                                     "signal_at": signal_at})
+    return script
+
+
+def torchrun(script, args, cwd, nproc=2, timeout=240):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script)] + [str(a) for a in args]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 
@@ -67,9 +85,7 @@ def test_two_processes_match_one_process_with_the_whole_batch(minidata_root, tmp
     args = ["--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--nf", 4, "--batchSize", 4,
             "--nTest", 2, "--nIteration", 3, "--checkpointFreq", 2, "--manualSeed", 6, "--workers", 0,
             "--device", "cpu", "--silent"]
-    script = tmp_path / "rank_script.py"
-    script.write_text(RANK_SCRIPT % {"root": ROOT, "tests": os.path.join(ROOT, "tests"), "collapses": ()})
-    torchrun(script, args + ["--outf", tmp_path / "ddp"], cwd=tmp_path)
+    torchrun(rank_script(tmp_path), args + ["--outf", tmp_path / "ddp"], cwd=tmp_path)
     monkeypatch.setattr(datasets.ShardedBatchSampler, "__iter__", datasets.ShardedBatchSampler.__iter__)
     single_batches = log_batches(datasets.ShardedBatchSampler)
     torch.set_num_threads(1)  # as each rank (OMP_NUM_THREADS=1)
@@ -130,9 +146,7 @@ def test_restart_decision_and_random_state_of_rank_0_reach_every_rank(minidata_r
             "--outf", outf]
     torchrun(os.path.join(ROOT, "train.py"), args + ["--nIteration", 1], cwd=tmp_path)
     force_collapse(outf / "state_00002.pth")
-    script = tmp_path / "rank_script.py"
-    script.write_text(RANK_SCRIPT % {"root": ROOT, "tests": os.path.join(ROOT, "tests"), "collapses": ()})
-    torchrun(script, args + ["--iteration", 2, "--nIteration", 3, "--autoRestart", 0.1], cwd=tmp_path)
+    torchrun(rank_script(tmp_path), args + ["--iteration", 2, "--nIteration", 3, "--autoRestart", 0.1], cwd=tmp_path)
     assert [line.split()[0] for line in (outf / "val.dat").read_text().splitlines()] == ["2", "4", "2", "4"]
     rank0, rank1 = torch.load(outf / "rank0.pt"), torch.load(outf / "rank1.pt")
     assert rank0["nets"]["netEncM"]["out.mods.9.bias"].abs().max() < 1  # restarted
@@ -148,9 +162,7 @@ def test_rollbacks_in_a_row_go_back_alike_on_every_rank(minidata_root, tmp_path)
     rank 0 alone writes the healthy checkpoint at 6 that ends the streak, so the rollback
     after the 7th goes back to the newest (6) on both ranks only if rank 0 shares it."""
     outf = tmp_path / "out"
-    script = tmp_path / "rank_script.py"
-    script.write_text(RANK_SCRIPT % {"root": ROOT, "tests": os.path.join(ROOT, "tests"), "collapses": (3, 4, 7)})
-    torchrun(script, ["--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--nf", 4, "--batchSize", 4,
+    torchrun(rank_script(tmp_path, collapses=(3, 4, 7)), ["--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--nf", 4, "--batchSize", 4,
                       "--nTest", 2, "--checkpointFreq", 2, "--manualSeed", 6, "--workers", 0, "--device", "cpu",
                       "--silent", "--outf", outf, "--nIteration", 9, "--autoRestart", 0.1, "--rollback", 3],
              cwd=tmp_path)
@@ -161,6 +173,27 @@ def test_rollbacks_in_a_row_go_back_alike_on_every_rank(minidata_root, tmp_path)
         for key in rank0["nets"][name]:
             assert torch.equal(rank0["nets"][name][key], rank1["nets"][name][key]), (name, key)
     assert rank0["options"] == rank1["options"]
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_iteration_and_resume_is_exact(minidata_root, tmp_path):
+    """Rank 1 alone gets SIGTERM inside iteration 2: both ranks stop at iteration 3, rank 0
+    writes its checkpoint, both exit 0; resumed under torchrun, the run ends with the
+    weights and .dat files of one never stopped."""
+    args = ["--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--nf", 4, "--batchSize", 4,
+            "--nTest", 2, "--checkpointFreq", 2, "--manualSeed", 6, "--workers", 0, "--device", "cpu", "--silent",
+            "--nIteration", 5]
+    torchrun(os.path.join(ROOT, "train.py"), args + ["--outf", tmp_path / "whole"], cwd=tmp_path)
+    outf = tmp_path / "stopped"
+    result = torchrun(rank_script(tmp_path, signal_at=(1, 2)), args + ["--outf", outf], cwd=tmp_path, timeout=120)
+    assert "stopped by another process at iteration 3: %s holds it" % (outf / "state_00003.pth") in result.stderr
+    ranks = [torch.load(outf / ("rank%d.pt" % rank)) for rank in (0, 1)]
+    assert [r["options"]["iteration"] for r in ranks] == [3, 3]
+    assert sorted(p.name for p in outf.glob("state_*.pth")) == ["state_00002.pth", "state_00003.pth"]
+    torchrun(os.path.join(ROOT, "train.py"), ["--resume", "--outf", outf], cwd=tmp_path)
+    whole, resumed = (utils.load_checkpoint(folder / "state_00006.pth") for folder in (tmp_path / "whole", outf))
+    assert_same_tensors({name: whole[name] for name in NETS}, {name: resumed[name] for name in NETS})
+    for name in ("train.dat", "val.dat"):
+        assert (outf / name).read_text() == (tmp_path / "whole" / name).read_text(), name
 
 
 def test_batch_size_must_split_evenly(minidata_root, tmp_path):

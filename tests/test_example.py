@@ -1,6 +1,8 @@
 """example_load_pretrained.py as a user runs it: published checkpoint forms, own images, scores."""
+import json
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ from PIL import Image
 import datasets
 import minidata
 import utils
-from conftest import SMALL_RUN, fixture_path, run_script
+from conftest import SMALL_RUN, fixture_path, original_run_flowers, run_script
 
 SCRIPT = "example_load_pretrained.py"
 
@@ -82,6 +84,30 @@ def test_masks_of_own_images_at_their_own_size(tmp_path):
             with Image.open(str(base) + "_redraw%d.png" % k) as r:
                 assert r.size == size and r.mode == "RGB"
     assert not (tmp_path / "masks" / "notes_mask.png").exists()
+
+
+def test_weights_saved_from_cuda_load_through_every_entry_point(weights_from_cuda, minidata_root, tmp_path):
+    """Checkpoints whose storages were saved on cuda:0, as the published ones: segmenting with
+    each of example_load_pretrained.py's weight flags, and train.py --iteration continuing the
+    original's checkpoint, on the CPU (without CUDA, a load that maps nothing fails)."""
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(weights_from_cuda["nets.pth"], weights_only=False)
+    for weights in (["--statePath", weights_from_cuda["nets.pth"]],
+                    ["--statePath", weights_from_cuda["nets.pth.tar.gz"]],
+                    ["--statePathM", weights_from_cuda["netM.pth"]],
+                    ["--statePathM", weights_from_cuda["netM.pth.tar.gz"], "--statePathX", weights_from_cuda["nets.pth"]]):
+        result = run_script(SCRIPT, *weights, "--dataroot", minidata_root / "flowers", "--batch_size", 2,
+                            "--device", "cpu", cwd=tmp_path)
+        assert "on cpu" in result.stdout and "wrote %s" % (tmp_path / "out.png") in result.stdout, weights
+    with open(fixture_path("original_resume_run.json")) as f:
+        original = json.load(f)
+    outf = tmp_path / "run"
+    outf.mkdir()
+    shutil.copy(weights_from_cuda["state_00002.pth"], outf / "state_00002.pth")
+    run_script("train.py", *original["flags"], *original["continued"], "--dataroot", original_run_flowers(tmp_path),
+               "--outf", outf, "--workers", 0, "--device", "cpu", cwd=tmp_path)
+    assert utils.load_checkpoint(outf / "state_00004.pth")["options"].iteration == 4
 
 
 def test_our_own_training_checkpoints_load(minidata_root, tmp_path):

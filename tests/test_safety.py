@@ -3,6 +3,7 @@ import errno
 import os
 import random
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -13,20 +14,17 @@ import torch
 
 import train
 import utils
-from conftest import PROCESS_ENV, ROOT, SMALL_RUN, named_tensors, run_process, run_script
+from conftest import PROCESS_ENV, ROOT, SMALL_RUN, assert_same_tensors, run_process, run_script
 from test_stats import trained
 
 SEEDED_RUN = ["--dataset", "flowers", "--checkpointFreq", 2, "--manualSeed", 4, "--clean"] + SMALL_RUN
 
 
 def assert_same_checkpoint(a, b):
-    """Bit for bit: every tensor of every net and optimizer."""
-    for key in a:
-        if key.startswith(("net", "optimizer")):
-            flat_a, flat_b = named_tensors(a[key]), named_tensors(b[key])
-            assert len(flat_a) == len(flat_b), key
-            for (name, ta), (_, tb) in zip(flat_a, flat_b):
-                assert torch.equal(ta, tb), (key, name)
+    """Bit for bit: every tensor of every net and optimizer, under the same names."""
+    keys = sorted(key for key in a if key.startswith(("net", "optimizer")))
+    assert keys == sorted(key for key in b if key.startswith(("net", "optimizer")))
+    assert_same_tensors({key: a[key] for key in keys}, {key: b[key] for key in keys})
 
 
 def test_run_killed_at_random_moments_and_resumed_ends_bit_for_bit_as_uninterrupted(minidata_root, tmp_path):
@@ -130,7 +128,9 @@ def test_kill_during_a_save_leaves_a_complete_file(tmp_path):
     leftovers = set()
     for _ in range(5):
         process = subprocess.Popen([sys.executable, "-c", writer], stdout=subprocess.PIPE, text=True)
-        assert process.stdout.readline() == "saved once\n"  # however long importing torch took
+        ready, _, _ = select.select([process.stdout], [], [], 120)  # however long importing torch takes
+        assert ready, "the writer saved nothing in 120 s"
+        assert process.stdout.readline() == "saved once\n"
         time.sleep(rng.uniform(0.0, 1.0))  # then killed in the middle of one of the next saves
         process.kill()
         process.wait(timeout=60)
@@ -201,12 +201,13 @@ def test_resume_keeps_the_runs_clean_unless_told_otherwise(minidata_root, tmp_pa
                                                                  "state_00010.pth"]
 
 
-@pytest.mark.parametrize("signals", [[signal.SIGTERM], [signal.SIGINT, signal.SIGINT]], ids=["SIGTERM", "Ctrl-C twice"])
-def test_a_signal_stops_the_run_with_a_checkpoint_of_that_iteration_and_resume_is_exact(signals, minidata_root,
-                                                                                         tmp_path):
-    """A scheduler's SIGTERM or Ctrl-C (a second one while saving) at a random moment: the run
+def test_ctrl_c_twice_from_outside_stops_the_run_with_a_checkpoint_of_that_iteration_and_resume_is_exact(
+        minidata_root, tmp_path):
+    """Ctrl-C (a second one while saving) sent by another process at a random moment: the run
     finishes its iteration, writes a checkpoint of exactly that point, says how to resume,
-    and exits 0; --resume then ends as a run that was never stopped."""
+    and exits 0; --resume then ends as a run that was never stopped. (Where the signal lands,
+    test_a_signal_stops_where_it_lands_and_resume_is_exact chooses.)"""
+    signals = [signal.SIGINT, signal.SIGINT]
     args = [str(a) for a in SEEDED_RUN + ["--dataroot", minidata_root / "flowers", "--nIteration", 9]]
     run_process("train.py", *args, "--outf", tmp_path / "whole", cwd=tmp_path)
     outf = tmp_path / "stopped"
@@ -240,3 +241,47 @@ def test_a_signal_stops_the_run_with_a_checkpoint_of_that_iteration_and_resume_i
     whole_log, resumed_log = (utils.read_stats(folder / "stats.jsonl")[0] for folder in (tmp_path / "whole", outf))
     assert [trained(r) for r in resumed_log] == [trained(r) for r in whole_log], iteration
     assert sorted(p.name for p in outf.glob("state_*.pth")) == ["state_00010.pth"]  # --clean kept its word
+
+
+@pytest.mark.parametrize("signum, where", [(signal.SIGTERM, "iteration"), (signal.SIGINT, "scoring")],
+                         ids=["SIGTERM inside an iteration", "SIGINT while scoring"])
+def test_a_signal_stops_where_it_lands_and_resume_is_exact(signum, where, minidata_root, tmp_path, monkeypatch):
+    """The signal raised in the run's own process at a chosen point: inside iteration 6 (of
+    the period from 4 to 8), the run stops at 7 with a checkpoint of its own that holds the
+    three iterations of its half-period; while the checkpoint at 8 is scored, it stops at 8
+    with that checkpoint alone. Resumed, either ends as a run that was never stopped."""
+    args = ["--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--checkpointFreq", 4, "--manualSeed", 4,
+            "--nIteration", 11, "--clean"] + SMALL_RUN
+    run_script("train.py", *args, "--outf", tmp_path / "whole", cwd=tmp_path)
+    iterate, score = train.training_iteration, train.TrainingRun.score
+
+    def iteration_signalled(nets, optimizers, xData, xReal, zData, opt, iteration, *rest):
+        if iteration == 6:
+            os.kill(os.getpid(), signum)
+        return iterate(nets, optimizers, xData, xReal, zData, opt, iteration, *rest)
+
+    def scoring_signalled(run):
+        if run.opt.iteration == 8:
+            os.kill(os.getpid(), signum)
+        return score(run)
+
+    with monkeypatch.context() as m:
+        if where == "iteration":
+            m.setattr(train, "training_iteration", iteration_signalled)
+        else:
+            m.setattr(train.TrainingRun, "score", scoring_signalled)
+        result = run_script("train.py", *args, "--outf", tmp_path / "stopped", cwd=tmp_path)
+    outf, iteration = tmp_path / "stopped", {"iteration": 7, "scoring": 8}[where]
+    checkpoint = outf / ("state_%05d.pth" % iteration)
+    assert result.stderr.splitlines()[-1] == (
+        "stopped by %s at iteration %d: %s holds it; continue with: python train.py --resume --outf %s"
+        % (signal.Signals(signum).name, iteration, checkpoint, outf))
+    assert sorted(p.name for p in outf.glob("state_*.pth")) == [checkpoint.name]
+    assert utils.load_checkpoint(checkpoint)["resume"]["period"]["iterations"] == {"iteration": 3, "scoring": 0}[where]
+    run_script("train.py", "--resume", "--outf", outf, cwd=tmp_path)
+    assert_same_checkpoint(utils.load_checkpoint(tmp_path / "whole" / "state_00012.pth"),
+                           utils.load_checkpoint(outf / "state_00012.pth"))
+    for name in ("train.dat", "val.dat"):
+        assert (outf / name).read_text() == (tmp_path / "whole" / name).read_text()
+    whole_log, resumed_log = (utils.read_stats(folder / "stats.jsonl")[0] for folder in (tmp_path / "whole", outf))
+    assert [trained(r) for r in resumed_log] == [trained(r) for r in whole_log]

@@ -71,19 +71,19 @@ def small_options():
                             "--manualSeed", 1)
 
 
-def losses_of_iterations(precision, compile_backend=None, iterations=3):
+def losses_of_iterations(precision, compile_backend=None, iterations=3, device=torch.device("cpu")):
     opt = small_options()
     torch.manual_seed(0)
-    nets = models.build_nets(opt)
+    nets = models.build_nets(opt, device)
     if compile_backend:
         train.compile_nets(nets, compile_backend)
     optimizers = train.make_optimizers(nets, opt)
     g = torch.Generator().manual_seed(1)
     history = []
     for i in range(iterations):
-        x, xr = torch.rand(2, 3, 128, 128, generator=g) * 2 - 1, torch.rand(2, 3, 128, 128, generator=g) * 2 - 1
-        z = torch.randn(2, 2, opt.nz, 1, 1, generator=g)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        x, xr = (torch.rand(2, 3, 128, 128, generator=g).to(device) * 2 - 1 for _ in range(2))
+        z = torch.randn(2, 2, opt.nz, 1, 1, generator=g).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             losses = train.training_iteration(nets, optimizers, x, xr, z, opt, i)
         history.append({k: v.item() for k, v in losses.items()})
     return history, nets
@@ -136,12 +136,12 @@ def test_compiled_spectral_norm_has_the_eager_gradient(calls):
     # graph capture and the forward/backward partition, where the bug above was, without
     # generating code: about a minute (it fails on the old in-place buffer update)
     "aot_eager_decomp_partition",
-    # what --compile uses: about 6 minutes
+    # what --compile uses: about 6 minutes on the CPU (tests/gpu_check.py runs it on the GPU)
     pytest.param("inductor", marks=pytest.mark.skipif(not os.environ.get("REDO_SLOW_TESTS"),
                                                       reason="compiles for minutes; set REDO_SLOW_TESTS=1"))])
-def test_compiled_iterations_stay_close_to_eager(backend):
-    eager, _ = losses_of_iterations("fp32")
-    compiled, _ = losses_of_iterations("fp32", compile_backend=backend)
+def test_compiled_iterations_stay_close_to_eager(backend, test_device):
+    eager, _ = losses_of_iterations("fp32", device=test_device)
+    compiled, _ = losses_of_iterations("fp32", compile_backend=backend, device=test_device)
     for a, b in zip(eager, compiled):
         for key in a:
             assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-3), key
@@ -267,7 +267,7 @@ def test_training_on_the_cpu_reuses_freed_memory_instead_of_faulting_it_in_again
     faults = {}
     for mode in ("default", "tuned"):
         count, *allocators = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True,
-                                            check=True).stdout.split()
+                                            check=True, timeout=300).stdout.split()
         if allocators:
             pytest.skip("malloc is %s's here, not glibc's, which train.keep_freed_memory tunes" % allocators[0])
         faults[mode] = int(count)

@@ -4,8 +4,11 @@ import os
 import sys
 
 import pytest
+import torch
 from PIL import Image
 
+import datasets
+import utils
 from conftest import SMALL_RUN, one_line_error, read_dat, run_script
 
 RUN = ["--dataset", "flowers", "--checkpointFreq", 2, "--manualSeed", 4, "--autoRestart", 0.01] + SMALL_RUN
@@ -25,7 +28,15 @@ def trained(record):
                                          "val_acc", "val_iou", "label_free")}
 
 
-def test_one_record_per_checkpoint_and_a_curves_picture(minidata_root, tmp_path):
+def labelled_lines(axes):
+    """{label: (x, y)} of the lines of matplotlib axes that have a label."""
+    return {line.get_label(): ([float(v) for v in line.get_xdata()], [float(v) for v in line.get_ydata()])
+            for line in axes.get_lines() if not line.get_label().startswith("_")}
+
+
+def test_one_record_per_checkpoint_and_a_curves_picture(minidata_root, tmp_path, monkeypatch):
+    figures, draw = [], utils.curves_figure
+    monkeypatch.setattr(utils, "curves_figure", lambda *args: figures.append(draw(*args)) or figures[-1])
     outf = tmp_path / "out"
     run_script("train.py", *RUN, "--dataroot", minidata_root / "flowers", "--nIteration", 3, "--outf", outf,
                cwd=tmp_path)
@@ -48,6 +59,36 @@ def test_one_record_per_checkpoint_and_a_curves_picture(minidata_root, tmp_path)
     with Image.open(outf / "curves.png") as picture:
         assert picture.format == "PNG" and picture.size[0] > 500
     assert (outf / "curves.png").read_bytes() != first  # redrawn with the new record
+    lines = {}
+    for axes in figures[-1].axes:  # losses, region sizes, scores, and the label-free score's own axis
+        lines.update(labelled_lines(axes))
+    steps = [float(r["step"]) for r in log]
+    expected = {name: [r["losses"][name]["mean"] for r in log] for name in ("lossG", "lossD", "err_recZ")}
+    expected.update({"region %d, %s" % (k, split): [r["region_sizes"][split][k] for r in log]
+                     for split in ("train", "val") for k in range(2)})
+    expected.update({key: [r[key] for r in log] for key in ("val_iou", "val_acc", "train_iou")})
+    expected["label-free score"] = [r["label_free"]["score"] for r in log]
+    assert lines == {**{name: (steps, values) for name, values in expected.items()},
+                     "--autoRestart": ([0.0, 1.0], [0.01, 0.01])}
+    for r in log:  # each region's size: the mean of its soft masks over the split
+        netEncM = utils.load_nets(utils.load_checkpoint(outf / ("state_%05d.pth" % r["iteration"])), ["netEncM"]).netEncM
+        for split in ("train", "val"):
+            images = torch.stack([x for x, _ in datasets.make_dataset("flowers", str(minidata_root / "flowers"), split)])
+            assert len(images) % 2 == 0  # whole batches: the mean over batches is the mean over images
+            with torch.no_grad():
+                sizes = netEncM(images).mean((0, 2, 3)).tolist()
+            assert r["region_sizes"][split] == pytest.approx(sizes, abs=1e-5), (r["iteration"], split)
+
+
+def test_curves_mark_rollbacks_and_restarts_on_every_plot():
+    events = [[], ["rollback"], ["restart"], ["resume"], ["early_restart"]]
+    log = [{"step": 2 * k + 2, "losses": {"lossG": {"mean": 1.0}}, "region_sizes": {"train": [.5, .5], "val": [.5, .5]},
+            "val_iou": .5, "val_acc": .5, "train_iou": .5, "label_free": {"score": 1.0}, "events": e}
+           for k, e in enumerate(events)]
+    figure = utils.curves_figure(log, 0.05)
+    for axes in figure.axes[:3]:
+        assert [(line.get_xdata()[0], line.get_linestyle()) for line in axes.get_lines()
+                if line.get_label().startswith("_")] == [(4, "--"), (6, ":"), (10, ":")]
 
 
 def test_the_log_resumes_as_an_uninterrupted_run_wrote_it(minidata_root, tmp_path):
@@ -99,9 +140,10 @@ def test_each_checkpoint_prints_a_summary_line(minidata_root, tmp_path):
 
 
 def tensorboard_or_skip():
-    """TensorBoard's own reader; CI installs tensorboard, so the test never skips there."""
+    """TensorBoard's own reader; CI (which sets CI) installs tensorboard: the test never skips there."""
     if os.environ.get("CI"):
-        import tensorboard  # noqa: F401
+        from tensorboard.backend.event_processing import event_accumulator
+        return event_accumulator
     return pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
 

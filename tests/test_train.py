@@ -1,6 +1,7 @@
 """train.py end to end on miniature datasets in each dataset's exact on-disk format."""
 import argparse
 import contextlib
+import copy
 import io
 import json
 import os
@@ -15,8 +16,8 @@ import datasets
 import models
 import train
 import utils
-from conftest import (SMALL_RUN, assert_weights_retrace, fixture_path, force_collapse, grid_size, original_run_flowers, read_dat,
-                      run_process, run_script)
+from conftest import (SMALL_RUN, assert_same_tensors, assert_weights_retrace, fixture_path, force_collapse, grid_size,
+                      original_run_flowers, read_dat, run_process, run_script, training_options)
 
 OUR_FILES = ["best_unsupervised.pth", "curves.png", "stats.jsonl"]  # what we write beside the original's files
 STATE_KEYS = {"netEncM", "netGenX", "netDX", "netRecZ", "optimizerEncM", "optimizerGenX", "optimizerDX",
@@ -174,6 +175,25 @@ def test_auto_restart_only_up_to_iteration_7000(iteration, restarts, minidata_ro
     assert ("Reinitializing training." in output.getvalue()) == restarts
 
 
+def nets_state(nets):
+    """A copy of every net's state dict."""
+    return copy.deepcopy({name: net.state_dict() for name, net in nets.items()})
+
+
+def fresh_nets_in_the_original_order(opt, rng, trained_netRecZ):
+    """The state dicts of the nets a restart builds from the torch random state rng, as the
+    original's collapse branch: new mask extractor, generators and discriminator created,
+    then each initialised; then the trained noise reconstructor re-initialised in place."""
+    netRecZ = models.build_net("netRecZ", opt)
+    netRecZ.load_state_dict(trained_netRecZ)
+    torch.set_rng_state(rng)
+    expected = {name: models.build_net(name, opt) for name in ("netEncM", "netGenX", "netDX")}
+    for net in expected.values():
+        models.init_weights_orthogonal(net, opt.initOrthoGain)
+    expected["netRecZ"] = models.init_weights_orthogonal(netRecZ, opt.initOrthoGain)
+    return {name: net.state_dict() for name, net in expected.items()}
+
+
 def test_restart_draws_fresh_nets_in_the_original_order_and_reinitialises_netRecZ(minidata_root, tmp_path):
     """The original's collapse branch: new mask extractor, generators and discriminator are
     created, then each is initialised; then the existing noise reconstructor's layers are
@@ -188,21 +208,10 @@ def test_restart_draws_fresh_nets_in_the_original_order_and_reinitialises_netRec
     rng = torch.get_rng_state()
     run.restart()
     assert opt.iteration == 0
-
-    netRecZ = models.build_net("netRecZ", opt)  # the trained one, copied before drawing
-    netRecZ.load_state_dict(trained)
-    torch.set_rng_state(rng)
-    expected = {name: models.build_net(name, opt) for name in ("netEncM", "netGenX", "netDX")}
-    for net in expected.values():
-        models.init_weights_orthogonal(net, opt.initOrthoGain)
-    expected["netRecZ"] = models.init_weights_orthogonal(netRecZ, opt.initOrthoGain)
-    for name, net in expected.items():
-        ours = getattr(run.nets, name).state_dict()
-        for key, value in net.state_dict().items():
-            assert torch.equal(ours[key], value), (name, key)
+    expected = fresh_nets_in_the_original_order(opt, rng, trained)
+    assert_same_tensors(nets_state(run.nets), expected)
     weights = [key for key in trained if key.endswith(("weight_orig", "dense.weight"))]
-    assert len(weights) > 1 and all(not torch.equal(trained[key], expected["netRecZ"].state_dict()[key])
-                                    for key in weights)
+    assert len(weights) > 1 and all(not torch.equal(trained[key], expected["netRecZ"][key]) for key in weights)
     assert all(state["step"].item() == 0 for optimizer in run.optimizers.values()
                for state in optimizer.state.values())  # fresh optimizers
 
@@ -299,3 +308,99 @@ def test_rollback_needs_the_collapse_test(minidata_root, tmp_path):
                         *SMALL_RUN, cwd=tmp_path, check=False)
     assert result.returncode != 0 and "--rollback 2: expected 0, or a positive number with --autoRestart x" in \
         result.stderr
+
+
+def next_iteration_inputs(run, monkeypatch):
+    """The generator's batch, the discriminator's batch and the noise of run's next iteration."""
+    seen, iterate = [], train.training_iteration
+    with monkeypatch.context() as m:
+        m.setattr(train, "training_iteration", lambda nets, optimizers, xData, xReal, zData, *args:
+                  seen.append((xData, xReal, zData)) or iterate(nets, optimizers, xData, xReal, zData, *args))
+        run.train_one_iteration()
+    return seen[0]
+
+
+def test_a_rollback_loads_its_checkpoint_and_goes_on_with_fresh_noise_and_data_order(minidata_root, tmp_path,
+                                                                                   monkeypatch):
+    """Right after a rollback, every net and optimizer is the target checkpoint's, bit for bit;
+    the next iteration draws its batches from fresh streams and its noise after reseeding from
+    --manualSeed and the rollback's number (so a second run with the seed draws them alike),
+    not what resuming that checkpoint would replay."""
+    argv = ["--dataset", "flowers", "--dataroot", str(minidata_root / "flowers"), "--outf", str(tmp_path),
+            "--manualSeed", "5", "--checkpointFreq", "2", "--autoRestart", "0.1", "--rollback", "2"] + SMALL_RUN
+    opt, _ = train.resolve_options(train.make_parser().parse_args(argv), train.explicit_flags(argv))
+    run = train.TrainingRun(opt)
+    for _ in range(2):
+        run.train_one_iteration()
+    run.save_checkpoint()
+    for _ in range(2):  # on past it, to the middle of an epoch (3 batches of 2 images)
+        run.train_one_iteration()
+    path = run.rollback_target()
+    assert path == str(tmp_path / "state_00002.pth")
+    target = utils.load_checkpoint(path)
+    run.rollback()
+    assert (opt.iteration, opt.rollbacks) == (2, 1)
+    assert_same_tensors(nets_state(run.nets), {name: target[name] for name, _ in run.nets.items()})
+    assert_same_tensors({name: optimizer.state_dict()["state"] for name, optimizer in run.optimizers.items()},
+                        {name: target[name]["state"] for name in run.optimizers})
+    drawn = next_iteration_inputs(run, monkeypatch)
+
+    utils.seed_everything(opt.manualSeed + train.ROLLBACK_SEED_STRIDE * 1)
+    generator_stream, discriminator_stream = run.batch_stream(), run.batch_stream()
+    fresh = (next(generator_stream)[0], next(discriminator_stream)[0], torch.randn_like(drawn[2]))
+    replay = next_iteration_inputs(train.TrainingRun(opt, (path, target)), monkeypatch)
+    for name, rolled_back, expected, replayed in zip(("xData", "xReal", "zData"), drawn, fresh, replay):
+        assert torch.equal(rolled_back, expected), name
+        assert not torch.equal(rolled_back, replayed), name
+
+
+def test_collapses_beyond_the_rollbacks_allowed_restart_as_the_original(minidata_root, tmp_path, monkeypatch):
+    """--rollback 1: the first collapse (forced, at the third checkpoint) rolls back, the
+    second restarts from scratch (--autoRestart, before iteration 7000)."""
+    calls = []
+    monkeypatch.setattr(utils, "has_collapsed", lambda sizes, threshold: calls.append(sizes) or len(calls) in (3, 4))
+    outf = tmp_path / "out"
+    result = run_script("train.py", "--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--outf", outf,
+                        "--nIteration", 5, "--checkpointFreq", 2, "--manualSeed", 3, "--autoRestart", 0.1,
+                        "--rollback", 1, *[a for a in SMALL_RUN if a != "--silent"], cwd=tmp_path)
+    assert result.stdout.count("Training appear to have collapsed.") == 2
+    assert result.stdout.count("Rolling back") == 1 and "(rollback 1 of 1)" in result.stdout
+    assert result.stdout.count("Reinitializing training.") == 1
+    assert [row[0] for row in read_dat(outf / "val.dat")] == [2, 4, 6, 6, 2, 4, 6]
+
+
+def test_an_early_restart_starts_from_fresh_nets_and_keeps_nothing_of_the_abandoned_start(minidata_root, tmp_path,
+                                                                                         monkeypatch):
+    """The first checkpoint's found-again score (forced) is under --earlyRestart: when rank 0's
+    decision reaches the run, no checkpoint, best file or .dat line of that start is left, and
+    the next start's first iteration begins from nets built afresh, in the original's order,
+    from the random state the decision carries."""
+    real_scores, chosen = utils.label_free_scores, iter([0.3, 0.9])
+    monkeypatch.setattr(utils, "label_free_scores", lambda *args: real_scores(*args)._replace(refound=next(chosen)))
+    outf = tmp_path / "out"
+    decisions, restore = [], utils.restore_rng_states
+
+    def restore_and_look(states, *args):
+        decisions.append((states["torch"].clone(), sorted(os.listdir(outf)),
+                          [(outf / name).read_text() for name in train.DAT_FILES if (outf / name).exists()]))
+        return restore(states, *args)
+
+    monkeypatch.setattr(utils, "restore_rng_states", restore_and_look)
+    before, after, iterate = [], [], train.TrainingRun.train_one_iteration
+
+    def iteration(run):
+        before.append((run.opt.iteration, nets_state(run.nets)))
+        iterate(run)
+        after.append(nets_state(run.nets))
+
+    monkeypatch.setattr(train.TrainingRun, "train_one_iteration", iteration)
+    flags = ["--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--outf", outf, "--checkpointFreq", 2,
+             "--manualSeed", 3, "--earlyRestart", 0.5] + SMALL_RUN
+    run_script("train.py", *flags, "--nIteration", 1, cwd=tmp_path)
+    assert [iteration for iteration, _ in before] == [0, 1, 0, 1]  # the abandoned start, then the next
+    rng, files, dat_files = decisions[0]
+    assert not [name for name in files if name.startswith(("state_", "best"))], files
+    assert all(text == "" for text in dat_files), dat_files
+    opt = training_options(*flags)
+    assert_same_tensors(before[2][1], fresh_nets_in_the_original_order(opt, rng, after[1]["netRecZ"]))
+    assert [row[0] for row in read_dat(outf / "val.dat")] == [2]
