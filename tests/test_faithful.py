@@ -10,7 +10,7 @@ import torch
 import models
 import train
 import utils
-from conftest import fixture_path, is_free_bias
+from conftest import fixture_path, is_free_bias, is_weight
 
 NET_NAMES = ("netEncM", "netGenX", "netDX", "netRecZ")
 
@@ -227,20 +227,23 @@ def assert_stats_close(stats, reference, what, rel, abs_):
 
 def assert_changes_close(init, final, reference, what, useSelfAttG):
     """What three iterations changed in each tensor (the change of its sum and of its sum
-    of absolute values) against the same for the original. Measured on an AMD EPYC (AVX2),
-    1 and 2 threads, per element: at most 1.6e-6 apart for parameters, 7.5e-5 for the
-    spectral-norm vectors u and v of 4 to 64 elements (power iterations amplify rounding);
-    bounds twice that. netGenX's free biases (conftest.is_free_bias) drift freely."""
+    of absolute values) against the same for the original. Measured with 1 and 2 threads on
+    an AMD EPYC (AVX2) and an Intel Xeon (AVX-512, KVM), per element: at most 1.6e-6 apart
+    for weights, 1.0e-5 for biases (Xeon: the 1-channel instance norm's of netEncM with
+    nfM 4, whose gradient nearly cancels, conftest.is_weight), 7.5e-5 for the spectral-norm
+    vectors u and v of 4 to 64 elements (power iterations amplify rounding); bounds twice
+    that. netGenX's free biases (conftest.is_free_bias) drift freely."""
     compared, moved = 0, 0
     for key, (size, ref_init, ref_final) in reference.items():
         if what == "netGenX" and is_free_bias(key, useSelfAttG):
             continue
-        bound = size * (1.5e-4 if key.endswith(("weight_u", "weight_v")) else 3.2e-6)
+        bound = size * (1.5e-4 if key.endswith(("weight_u", "weight_v")) else 3.2e-6 if is_weight(key) else 2.1e-5)
         for k in range(2):  # sum, sum of absolute values
             ours, theirs = final[key][k] - init[key][k], ref_final[k] - ref_init[k]
             assert ours == pytest.approx(theirs, rel=0, abs=bound), (what, key, ["sum", "abs sum"][k])
-            compared += 1
-            moved += abs(theirs) > bound
+            if is_weight(key):
+                compared += 1
+                moved += abs(theirs) > bound
     # the comparison tells trained weights from initial ones for many tensors (at the mask
     # extractor's lr 1e-5, three steps move about half of them beyond the bound)
     assert moved >= compared / 3, (what, moved, compared)
@@ -262,10 +265,11 @@ def test_other_configurations_match_the_original(record, fixture_options, thread
     nets = models.build_nets(opt)
     assert [name for name, _ in nets.items()] == list(record["init"])
     init = {name: state_stats(net.state_dict()) for name, net in nets.items()}
-    # The orthogonal init's QR factorisation rounds with the thread count: measured on an AMD
-    # EPYC (AVX2), the recording's sums exactly with 2 threads, within 5e-6 with 1; bound twice that.
+    # The orthogonal init's QR factorisation rounds with the thread count and the CPU: the
+    # recording's sums exactly on an AMD EPYC (AVX2) with 2 threads, within 5e-6 with 1; within
+    # 7.6e-6 on an Intel Xeon (AVX-512, KVM), 2 threads. Bound: twice that.
     for name in init:
-        assert_stats_close(init[name], record["init"][name], name, rel=1e-5, abs_=1e-5)
+        assert_stats_close(init[name], record["init"][name], name, rel=1.6e-5, abs_=1.6e-5)
     nets.to(torch.float64)
     optimizers = train.make_optimizers(nets, opt)
     for _, net in nets.items():
@@ -280,7 +284,8 @@ def test_other_configurations_match_the_original(record, fixture_options, thread
         losses = train.training_iteration(nets, optimizers, xData, xReal, zData, opt, iteration)
         assert sorted(losses) == sorted(ref_losses)
         for key, value in ref_losses.items():
-            assert losses[key].item() == pytest.approx(value, rel=1e-4), (iteration, key)
+            # 1.24e-4 apart at most, measured on an Intel Xeon (AVX-512), from its init's rounding
+            assert losses[key].item() == pytest.approx(value, rel=2.5e-4), (iteration, key)
     nets.eval()
     x = torch.rand(2, 3, 128, 128, generator=g).double() * 2 - 1
     z = torch.randn(2, opt.nMasks, opt.nz, 1, 1, generator=g).double()
@@ -297,7 +302,7 @@ def test_other_configurations_match_the_original(record, fixture_options, thread
     expected = dict(record["eval"], netEncM=record["eval"]["netEncM"][1:])
     assert sorted(got) == sorted(expected)
     for name, values in expected.items():
-        assert got[name] == pytest.approx(values, rel=1e-3, abs=1e-3), name
+        assert got[name] == pytest.approx(values, rel=1.1e-3, abs=1.1e-3), name  # measured: 5.4e-4 (Xeon)
     for name, net in nets.items():
         reference = {key: (net.state_dict()[key].numel(), record["init"][name][key], record["final"][name][key])
                      for key in record["final"][name]}

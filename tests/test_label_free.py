@@ -61,7 +61,7 @@ def test_the_parts_see_what_they_measure():
     assert (hard.binariness, hard.refound, hard.edges, hard.score, hard.min_region_size) == (1.0, 0.5, 0.0, 0.0, 0.0)
     nets.netEncM = FixedMasks(lambda x: torch.full_like(x[:, :1], 0.5))
     assert utils.label_free_scores(nets, images, noise, 4).binariness == 0.0
-    nets.netEncM = FixedMasks(lambda x: torch.full_like(x[:, :1], 0.3))
+    nets.netEncM = FixedMasks(lambda x: torch.full_like(x[:, :1], 0.7))  # region 1 is the smaller
     soft = utils.label_free_scores(nets, images, noise, 4)
     assert soft.binariness == pytest.approx((0.7 - 0.5) / 0.5, abs=1e-6)
     assert soft.min_region_size == pytest.approx(0.3, abs=1e-6)

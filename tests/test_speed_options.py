@@ -96,12 +96,12 @@ def test_bf16_iterations_stay_close_to_fp32(threads):
         for key in a:
             assert b[key] == pytest.approx(a[key], rel=0.03, abs=0.05), key
     # The weights stay fp32 and bf16's three updates point where fp32's do: the gap between
-    # the two updates relative to fp32's (about 1.4 for unrelated updates). Measured on an
-    # AMD EPYC (AVX2), 1 and 2 threads: 0.25 (netEncM), 0.39 (netGenX, its free biases
-    # aside), 0.048 (netDX), 0.041 (netRecZ). Bounds: twice that.
+    # the two updates relative to fp32's (about 1.4 for unrelated updates). Measured with 1
+    # and 2 threads on an AMD EPYC (AVX2) and an Intel Xeon (AVX-512, KVM): 0.26 (netEncM),
+    # 0.39 (netGenX, its free biases aside), 0.048 (netDX), 0.041 (netRecZ). Bounds: twice that.
     torch.manual_seed(0)
     initial = models.build_nets(small_options())
-    bounds = {"netEncM": 0.5, "netGenX": 0.8, "netDX": 0.1, "netRecZ": 0.1}
+    bounds = {"netEncM": 0.53, "netGenX": 0.8, "netDX": 0.1, "netRecZ": 0.1}
     for (name, n32), (_, n16), (_, n0) in zip(nets32.items(), nets16.items(), initial.items()):
         assert all(t.dtype == torch.float32 for t in n16.parameters()), name
         keys = [k for k, _ in n0.named_parameters() if not (name == "netGenX" and is_free_bias(k, selfAttG=True))]
@@ -126,7 +126,8 @@ def test_compiled_spectral_norm_has_the_eager_gradient(calls):
     x = torch.randn(2, 3, 8, 8)
     for conv in (eager, compiled):
         sum(conv(x * (i + 1)).square().sum() for i in range(calls)).backward()
-    # measured: 7.2e-5 at most (2 calls, an AVX2 Zen 3 EPYC); a wrong gradient is off by its own size
+    # measured beyond rtol: 7.2e-5 at most (2 calls, an AVX2 Zen 3 EPYC), 2.8e-5 on an AVX-512 Xeon;
+    # a wrong gradient is off by its own size
     torch.testing.assert_close(compiled.weight_orig.grad, eager.weight_orig.grad, rtol=1e-4, atol=1.5e-4)
     torch.testing.assert_close(compiled.weight_u, eager.weight_u)
     torch.testing.assert_close(compiled.weight_v, eager.weight_v)
