@@ -8,6 +8,8 @@ sizex, nearest neighbour) and centre-cropped, as in the original.
 import functools
 import os
 import random
+import signal
+import threading
 
 import numpy as np
 import torch
@@ -390,8 +392,8 @@ class InMemoryDataset(torch.utils.data.Dataset):
         if isinstance(dataset, CMNISTDataset):
             raise UserError("--cacheData: cmnist draws new images at each access; it cannot be cached")
         # a private generator: filling the cache draws nothing from the run's random streams
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                                             generator=torch.Generator())
+        loader = Loader(dataset, batch_size=batch_size, num_workers=workers, generator=torch.Generator(),
+                        worker_init_fn=start_worker)
         images, masks = [], []
         for x, m in loader:
             images.append(torch.round((x + 1) / 2 * 255).to(torch.uint8))
@@ -417,8 +419,8 @@ class InMemoryDataset(torch.utils.data.Dataset):
 def make_loader(dataset, batch_size, workers, pin_memory=False):
     """Shuffled batches, the last incomplete one dropped, as every loader of the original.
     pin_memory: batches in page-locked memory, for asynchronous copies to a GPU."""
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
-                                       drop_last=True, pin_memory=pin_memory)
+    return Loader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
+                  pin_memory=pin_memory, worker_init_fn=start_worker)
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -468,14 +470,54 @@ class ShardedBatchSampler(torch.utils.data.Sampler):
         return len(self.sampler) // self.batch_size
 
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+class Loader(torch.utils.data.DataLoader):
+    """A DataLoader whose workers are born with SIGINT and SIGTERM blocked (start_worker then
+    leaves them to the main process): a signal to the whole job while workers start would
+    otherwise end them before they could ignore it. The main process gets the signal once
+    its workers have started."""
+
+    def _get_iterator(self):
+        if self.num_workers == 0 or not hasattr(signal, "pthread_sigmask"):
+            return super()._get_iterator()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return super()._get_iterator()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def leave_stop_signals_to_parent():
+    """In a loader worker: a terminal's Ctrl-C and a scheduler's SIGTERM reach every process
+    of the job, and a worker they killed would make the main process fail inside its
+    iteration; the main process stops the run cleanly, then ends its workers. So a worker
+    ignores those signals, except from its parent (multiprocessing ends workers still
+    running at exit with SIGTERM); it also ends when its parent dies (DataLoader's watchdog)."""
+    if not hasattr(signal, "sigwaitinfo"):  # not on macOS or Windows: ignore them all
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+        return
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # (blocked since birth: Loader) threads inherit it
+
+    def wait_for_the_parents():
+        while signal.sigwaitinfo(STOP_SIGNALS).si_pid != parent:
+            pass
+        os._exit(0)
+
+    threading.Thread(target=wait_for_the_parents, daemon=True).start()
+
+
 class BatchStream:
     """Endless shuffled batches of a dataset, a new epoch whenever one ends, resumable."""
 
     def __init__(self, dataset, batch_size, workers, state=None, rank=0, world=1, pin_memory=False):
         self.sampler = EpochSampler(len(dataset))
-        self.loader = torch.utils.data.DataLoader(
+        self.loader = Loader(
             dataset, batch_sampler=ShardedBatchSampler(self.sampler, batch_size, rank, world), num_workers=workers,
-            worker_init_fn=functools.partial(seed_worker_for_rank, rank=rank) if world > 1 else None,
+            worker_init_fn=functools.partial(start_worker, rank=rank, world=world),
             pin_memory=pin_memory)
         self.consumed = 0  # batches of the current epoch
         if state is not None:
@@ -497,10 +539,13 @@ class BatchStream:
         return {"epoch_seed": self.sampler.seed, "batches_consumed": self.consumed}
 
 
-def seed_worker_for_rank(worker_id, rank):
-    """Under torchrun, loader workers of different ranks draw different random numbers (a
-    dataset that draws its images, such as cmnist, must not give every rank the same)."""
-    seed = (torch.initial_seed() + 1000003 * rank) % 2**32
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+def start_worker(worker_id, rank=0, world=1):
+    """Every loader worker leaves SIGINT and SIGTERM to the main process (leave_stop_signals_to_parent).
+    Under torchrun, the workers of each rank draw their own random numbers (a dataset that
+    draws its images, such as cmnist, must not give every rank the same)."""
+    leave_stop_signals_to_parent()
+    if world > 1:
+        seed = (torch.initial_seed() + 1000003 * rank) % 2**32
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)

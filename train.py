@@ -9,6 +9,7 @@ import glob
 import json
 import os
 import random
+import shutil
 import signal
 import sys
 import threading
@@ -219,7 +220,11 @@ def make_parser():
     p.add_argument('--checkpointFreq', type=int, default=500, help='frequency of checkpoints')
     p.add_argument('--iteration', type=int, default=0, help='iteration to load (to resume training)')
     p.add_argument('--manualSeed', type=int, help='manual seed (default: drawn at random, and saved)')
-    p.add_argument('--resume', action='store_true', help='resume from the last checkpoint in --outf')
+    p.add_argument('--resume', nargs='?', const=True, default=False, type=resume_mode,
+                   help='resume from the last checkpoint in --outf; "--resume auto": continue the run in --outf '
+                        'if it has a checkpoint, else start it (one command for a scheduler that requeues it)')
+    p.add_argument('--overwrite', action='store_true',
+                   help="start a new run in an --outf that holds another run's files, removing them first")
     p.add_argument('--clean', action=argparse.BooleanOptionalAction, default=False,
                    help='delete the previous checkpoint when saving one (kept by --resume; --no-clean to stop)')
     p.add_argument('--silent', action='store_true', help='silent execution')
@@ -248,6 +253,12 @@ def make_parser():
                    help="leave spectral-norm layers at PyTorch's default init, as the original's GPU runs "
                         "did (see README)")
     return p
+
+
+def resume_mode(text):
+    if text != "auto":
+        raise argparse.ArgumentTypeError("expected nothing (the newest checkpoint) or 'auto' (continue or start)")
+    return text
 
 
 RESUME_OVERRIDES = ("clean", "silent", "outf", "device", "workers", "nIteration")
@@ -280,20 +291,26 @@ def resolve_options(opt, explicit=()):
     line's options.
     """
     start = None
-    if opt.resume:
+    if opt.overwrite and opt.resume:
+        raise UserError("--overwrite starts a new run in --outf: it cannot go with --resume")
+    if opt.resume is True or (opt.resume == "auto" and checkpoint_files(opt.outf)):
         path, state = latest_checkpoint(opt.outf, "cpu")
         saved = complete_options(state["options"])
-        ignored = sorted(explicit - set(RESUME_OVERRIDES) - {"resume", "iteration"})
-        if ignored:
-            utils.warn("--resume: continuing with the run's saved options; ignoring --%s" % ", --".join(ignored))
+        given = sorted(explicit - set(RESUME_OVERRIDES) - {"resume", "iteration", "overwrite"})
+        if opt.resume == "auto":
+            check_same_command(saved, opt, given, path)
+        elif given:
+            utils.warn("--resume: continuing with the run's saved options; ignoring --%s" % ", --".join(given))
         if "clean" in explicit and opt.clean != saved.clean:
             utils.warn("--resume: %s" % ("--clean: from now on only the newest checkpoint is kept" if opt.clean else
                                         "--no-clean: from now on every checkpoint is kept (the run had --clean)"))
         for name in RESUME_OVERRIDES:
             if name in explicit or name in ("silent", "outf"):
                 setattr(saved, name, getattr(opt, name))
-        saved.resume = True
+        saved.resume, saved.overwrite = True, False
         opt, start = saved, (path, state)
+    elif opt.iteration == 0:
+        check_no_other_run(opt)
     if "bestValIoU" not in opt:
         opt.bestValIoU = 0
     for name in ("rollbacks",  # how many --rollback the run has used,
@@ -317,6 +334,45 @@ def resolve_options(opt, explicit=()):
             raise UserError("--iteration %d: %s does not exist" % (opt.iteration, path))
         start = (path, utils.load_checkpoint(path, "cpu"))
     return opt, start
+
+
+def check_same_command(saved, opt, given, path):
+    """--resume auto continues only the run its own command started: a flag of this command
+    that differs from the run's means another run's folder."""
+    differences = utils.option_differences(opt, saved, given, "the run")
+    if differences:
+        raise UserError("--resume auto: %s belongs to a run of another configuration: %s; continue it with --resume "
+                        "(its own options), or use another --outf" % (path, ", ".join(differences)))
+
+
+RUN_FILES = ("state_[0-9]*.pth", "options.pth", "best.pth", "best_unsupervised.pth", "train.dat", "val.dat",
+             "stats.jsonl", "curves.png", "out_[0-9]*.png", "tensorboard")
+"""What a run writes in --outf (README, What a run writes); the first five are checkpoints."""
+
+
+def run_files(outf, patterns=RUN_FILES):
+    return sorted({os.path.basename(path) for pattern in patterns
+                   for path in glob.glob(os.path.join(glob.escape(outf), pattern))})
+
+
+def check_no_other_run(opt):
+    """A new run never destroys another: into an --outf that holds a run's files it starts
+    only with --overwrite (train() removes them), or, with --resume auto, when none of them
+    is a checkpoint (what a start stopped before its first checkpoint left)."""
+    found = run_files(opt.outf, RUN_FILES[:5] if opt.resume == "auto" else RUN_FILES)
+    if found and not opt.overwrite:
+        listed = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+        raise UserError("--outf %s holds another run (%s): continue it with --resume, start over with --overwrite "
+                        "(removes that run's files), or choose another --outf" % (opt.outf, listed))
+
+
+def remove_run_files(outf):
+    for name in run_files(outf):
+        path = os.path.join(outf, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
 
 
 def check_options(opt):
@@ -933,6 +989,8 @@ def train(opt, start=None, dist=None):
     dist = dist or Distributed()
     if dist.is_main:
         check_output_folder(opt.outf)
+        if start is None and opt.overwrite:
+            remove_run_files(opt.outf)
     dist.barrier()
     run = TrainingRun(opt, start, dist)
     del start  # its tensors are loaded; free them
@@ -1015,7 +1073,8 @@ class Distributed:
         if torch.device(opt.device).type == "cuda":
             opt.device = "cuda:%d" % dist.local_rank
             torch.cuda.set_device(opt.device)
-        torch.distributed.init_process_group("nccl" if opt.device.startswith("cuda") else "gloo")
+        torch.distributed.init_process_group("nccl" if opt.device.startswith("cuda") else "gloo",
+                                             **restart_store(dist))
         return dist
 
     def step_modules(self, nets):
@@ -1054,6 +1113,18 @@ class Distributed:
     def close(self):
         if self.world > 1:
             torch.distributed.destroy_process_group()
+
+
+def restart_store(dist):
+    """Under torchrun, the process group's store: torchrun's own, under a prefix for each start
+    of the group (TORCHELASTIC_RESTART_COUNT). With one shared by every start, a group that
+    torchrun --max-restarts restarts reads the addresses of the processes it replaced and
+    cannot connect (seen with gloo, torch 2.14). Elsewhere, torch's default (env://)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+    prefixed = torch.distributed.PrefixStore("start_%s" % os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"), store)
+    return {"store": prefixed, "rank": dist.rank, "world_size": dist.world}
 
 
 def main(argv=None):

@@ -135,19 +135,26 @@ def test_gpu_check_says_in_one_line_that_there_is_no_cuda(tmp_path):
 
 
 def test_gpu_check_fails_a_step_that_fails_in_part(tmp_path):
-    """A crashed command, a benchmark with one crashed measurement (here the original's, from a
-    folder without it), a training that reaches no checkpoint: each fails its step."""
+    """A crashed command, and a training that reaches no checkpoint, each fail their step."""
     import gpu_check
-    python = [sys.executable, "-X", "faulthandler"]
-    steps = {"crash": python + ["-c", "import sys; sys.exit(3)"],
-             "benchmark": python + ["tests/benchmark.py", "--configs", "small", "--modes", "fp32", "--iterations", 1,
-                                    "--skip-data", "--device", "cpu", "--original", tmp_path / "no_original"],
-             "training": python + ["tests/learning_curve.py", "--minutes", 0.05, "--outf", tmp_path / "run", "--",
-                                   *TINY_TRAINING, "--checkpointFreq", 100000]}
+    steps = {"crash": [sys.executable, "-c", "import sys; sys.exit(3)"],
+             "training": [sys.executable, "tests/learning_curve.py", "--minutes", 0.05, "--outf", tmp_path / "run", "--",
+                          *TINY_TRAINING, "--checkpointFreq", 100000]}
     for name, command in steps.items():
         status, _, tail = gpu_check.run_step(name, [str(c) for c in command], 120, str(tmp_path))
         assert status.startswith("failed (exit status"), (name, status, tail)
     assert tail[-1] == "train.py reached no checkpoint in 0.05 minutes"
+
+
+def test_benchmark_fails_when_a_measurement_fails(monkeypatch, capsys):
+    """A measurement's process that crashed is a 'failed:' row, and the benchmark's exit status says so."""
+    import benchmark
+    monkeypatch.setattr(benchmark, "run_child", lambda config, mode, impl, args: {"error": "RuntimeError: crashed"})
+    monkeypatch.setattr(sys, "argv", ["benchmark.py", "--configs", "small", "--modes", "fp32,bf16", "--skip-data",
+                                      "--device", "cpu"])
+    with pytest.raises(SystemExit, match="benchmark: 2 measurements failed: small ours fp32, small ours bf16"):
+        benchmark.main()
+    assert "| ours | fp32 | failed: RuntimeError: crashed |" in capsys.readouterr().out
 
 
 def test_gpu_check_ends_every_process_of_a_step_out_of_time(tmp_path):
@@ -156,8 +163,8 @@ def test_gpu_check_ends_every_process_of_a_step_out_of_time(tmp_path):
     import gpu_check
     outf = tmp_path / "run"
     command = [sys.executable, "tests/learning_curve.py", "--minutes", 5, "--outf", outf, "--", *TINY_TRAINING]
-    status, _, tail = gpu_check.run_step("training", [str(c) for c in command], 10, str(tmp_path))
-    assert status == "ran out of its 10 s", tail
+    status, _, tail = gpu_check.run_step("training", [str(c) for c in command], 8, str(tmp_path))
+    assert status == "ran out of its 8 s", tail
     time.sleep(1)
     assert not processes_naming(str(outf)), tail
 

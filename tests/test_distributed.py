@@ -25,12 +25,13 @@ argv = sys.argv[1:]
 if %(collapses)r:  # the checkpoints (counted from 1) at which rank 0's collapse test fires
     calls = []
     utils.has_collapsed = lambda sizes, threshold: calls.append(sizes) or len(calls) in %(collapses)r
-if %(signal_at)r:  # (rank, iteration): that rank sends itself SIGTERM inside that iteration
+if %(signal_at)r:  # (rank, iteration, signal): that rank's first start sends it itself inside that iteration
     import os, signal
     iterate = train.training_iteration
     def training_iteration(nets, optimizers, xData, xReal, zData, opt, iteration, *rest):
-        if (int(os.environ["RANK"]), iteration) == %(signal_at)r:
-            os.kill(os.getpid(), signal.SIGTERM)
+        if (os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+                and (int(os.environ["RANK"]), iteration) == %(signal_at)r[:2]):
+            os.kill(os.getpid(), signal.Signals[%(signal_at)r[2]])
         return iterate(nets, optimizers, xData, xReal, zData, opt, iteration, *rest)
     train.training_iteration = training_iteration
 opt, start = train.resolve_options(train.make_parser().parse_args(argv), train.explicit_flags(argv))
@@ -65,20 +66,28 @@ def free_port():
 
 def rank_script(tmp_path, collapses=(), signal_at=None):
     """RANK_SCRIPT, written to tmp_path: collapses forced at the checkpoints numbered
-    `collapses`; SIGTERM raised by rank signal_at[0] inside iteration signal_at[1]."""
+    `collapses`; signal_at = (rank, iteration, signal name): that rank's first start sends
+    itself the signal inside that iteration."""
     script = tmp_path / "rank_script.py"
     script.write_text(RANK_SCRIPT % {"root": ROOT, "tests": os.path.join(ROOT, "tests"), "collapses": collapses,
                                      "signal_at": signal_at})
     return script
 
 
-def torchrun(script, args, cwd, nproc=2, timeout=240):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script)] + [str(a) for a in args]
+def torchrun(script, args, cwd, nproc=2, timeout=240, max_restarts=0):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--max-restarts",
+               str(max_restarts), "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+               str(script)] + [str(a) for a in args]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.terminate()  # torchrun ends its processes: SIGTERM, then SIGKILL after 30 s
+        stdout, stderr = process.communicate(timeout=120)
+        raise AssertionError("torchrun ran out of its %d s:\n%s%s" % (timeout, stdout, stderr)) from None
+    assert process.returncode == 0, stdout + stderr
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def test_two_processes_match_one_process_with_the_whole_batch(minidata_root, tmp_path, monkeypatch):
@@ -127,16 +136,6 @@ def test_two_processes_match_one_process_with_the_whole_batch(minidata_root, tmp
                minidata_root / "flowers", "--batch_size", 2, "--device", "cpu", cwd=tmp_path)
 
 
-def test_resume_under_torchrun(minidata_root, tmp_path):
-    args = ["--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--nf", 4, "--batchSize", 4,
-            "--nTest", 2, "--checkpointFreq", 2, "--manualSeed", 6, "--workers", 1, "--device", "cpu", "--silent",
-            "--outf", tmp_path / "out"]
-    torchrun(os.path.join(ROOT, "train.py"), args + ["--nIteration", 1], cwd=tmp_path)
-    torchrun(os.path.join(ROOT, "train.py"), ["--resume", "--nIteration", 3, "--outf", tmp_path / "out"], cwd=tmp_path)
-    assert [line.split()[0] for line in (tmp_path / "out" / "val.dat").read_text().splitlines()] == ["2", "4"]
-    assert utils.load_options(tmp_path / "out" / "options.pth").iteration == 4
-
-
 def test_restart_decision_and_random_state_of_rank_0_reach_every_rank(minidata_root, tmp_path):
     """Only rank 0 scores (its evaluation loaders draw random numbers) and decides on a
     restart: every rank restarts with it and continues from its random state."""
@@ -180,11 +179,12 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_iteration_and_resume_
     writes its checkpoint, both exit 0; resumed under torchrun, the run ends with the
     weights and .dat files of one never stopped."""
     args = ["--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--nf", 4, "--batchSize", 4,
-            "--nTest", 2, "--checkpointFreq", 2, "--manualSeed", 6, "--workers", 0, "--device", "cpu", "--silent",
+            "--nTest", 2, "--checkpointFreq", 2, "--manualSeed", 6, "--workers", 1, "--device", "cpu", "--silent",
             "--nIteration", 5]
     torchrun(os.path.join(ROOT, "train.py"), args + ["--outf", tmp_path / "whole"], cwd=tmp_path)
     outf = tmp_path / "stopped"
-    result = torchrun(rank_script(tmp_path, signal_at=(1, 2)), args + ["--outf", outf], cwd=tmp_path, timeout=120)
+    result = torchrun(rank_script(tmp_path, signal_at=(1, 2, "SIGTERM")), args + ["--outf", outf], cwd=tmp_path,
+                      timeout=120)
     assert "stopped by another process at iteration 3: %s holds it" % (outf / "state_00003.pth") in result.stderr
     ranks = [torch.load(outf / ("rank%d.pt" % rank)) for rank in (0, 1)]
     assert [r["options"]["iteration"] for r in ranks] == [3, 3]
@@ -192,6 +192,27 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_iteration_and_resume_
     torchrun(os.path.join(ROOT, "train.py"), ["--resume", "--outf", outf], cwd=tmp_path)
     whole, resumed = (utils.load_checkpoint(folder / "state_00006.pth") for folder in (tmp_path / "whole", outf))
     assert_same_tensors({name: whole[name] for name in NETS}, {name: resumed[name] for name in NETS})
+    for name in ("train.dat", "val.dat"):
+        assert (outf / name).read_text() == (tmp_path / "whole" / name).read_text(), name
+
+
+def test_torchrun_restarts_a_killed_worker_and_resume_auto_continues_exactly(minidata_root, tmp_path):
+    """torchrun --max-restarts 1 with one command that starts or continues (--resume auto):
+    rank 1 is killed (SIGKILL) between the checkpoints at 2 and 4; torchrun restarts both
+    ranks, which continue from the checkpoint at 2 and end with the weights and .dat files
+    of a run never interrupted."""
+    args = ["--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--nf", 4, "--batchSize", 4,
+            "--nTest", 2, "--checkpointFreq", 2, "--manualSeed", 6, "--workers", 1, "--device", "cpu", "--silent",
+            "--nIteration", 5, "--resume", "auto"]
+    torchrun(os.path.join(ROOT, "train.py"), args + ["--outf", tmp_path / "whole"], cwd=tmp_path)
+    outf = tmp_path / "restarted"
+    result = torchrun(rank_script(tmp_path, signal_at=(1, 3, "SIGKILL")), args + ["--outf", outf], cwd=tmp_path,
+                      max_restarts=1)
+    assert "failed (exitcode: -9) local_rank: 1" in result.stderr  # the first start's SIGKILL, as torchrun reports it
+    records = utils.read_stats(outf / "stats.jsonl")[0]
+    assert [(r["iteration"], r["events"]) for r in records] == [(2, []), (4, ["resume"]), (6, [])]
+    whole, restarted = (utils.load_checkpoint(folder / "state_00006.pth") for folder in (tmp_path / "whole", outf))
+    assert_same_tensors({name: whole[name] for name in NETS}, {name: restarted[name] for name in NETS})
     for name in ("train.dat", "val.dat"):
         assert (outf / name).read_text() == (tmp_path / "whole" / name).read_text(), name
 

@@ -14,7 +14,7 @@ import torch
 
 import train
 import utils
-from conftest import PROCESS_ENV, ROOT, SMALL_RUN, assert_same_tensors, run_process, run_script
+from conftest import PROCESS_ENV, ROOT, SMALL_RUN, assert_same_tensors, one_line_error, run_process, run_script
 from test_stats import trained
 
 SEEDED_RUN = ["--dataset", "flowers", "--checkpointFreq", 2, "--manualSeed", 4, "--clean"] + SMALL_RUN
@@ -201,48 +201,6 @@ def test_resume_keeps_the_runs_clean_unless_told_otherwise(minidata_root, tmp_pa
                                                                  "state_00010.pth"]
 
 
-def test_ctrl_c_twice_from_outside_stops_the_run_with_a_checkpoint_of_that_iteration_and_resume_is_exact(
-        minidata_root, tmp_path):
-    """Ctrl-C (a second one while saving) sent by another process at a random moment: the run
-    finishes its iteration, writes a checkpoint of exactly that point, says how to resume,
-    and exits 0; --resume then ends as a run that was never stopped. (Where the signal lands,
-    test_a_signal_stops_where_it_lands_and_resume_is_exact chooses.)"""
-    signals = [signal.SIGINT, signal.SIGINT]
-    args = [str(a) for a in SEEDED_RUN + ["--dataroot", minidata_root / "flowers", "--nIteration", 9]]
-    run_process("train.py", *args, "--outf", tmp_path / "whole", cwd=tmp_path)
-    outf = tmp_path / "stopped"
-    log = tmp_path / "stopped.log"
-    with open(log, "w") as output:
-        process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py")] + args + ["--outf", str(outf)],
-                                   cwd=tmp_path, stdout=output, stderr=output, env=PROCESS_ENV)
-        deadline = time.time() + 120
-        while not (outf / "state_00002.pth").exists() and process.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        time.sleep(random.Random(len(signals)).uniform(0, 0.5))
-        for signum in signals:
-            process.send_signal(signum)
-            time.sleep(0.05)
-        returncode = process.wait(timeout=120)
-    text = log.read_text()
-    assert returncode == 0, text
-    stopped = re.search(r"stopped by (\w+) at iteration (\d+): (\S+) holds it; continue with: python train.py "
-                        r"--resume --outf (\S+)", text)
-    assert stopped, text
-    assert stopped.group(1) == signal.Signals(signals[0]).name and stopped.group(4) == str(outf)
-    iteration = int(stopped.group(2))
-    assert 2 <= iteration < 10 and stopped.group(3) == str(outf / ("state_%05d.pth" % iteration))
-    assert utils.load_checkpoint(stopped.group(3))["options"].iteration == iteration
-    assert "Traceback" not in text
-    run_process("train.py", "--resume", "--outf", outf, cwd=tmp_path)
-    assert_same_checkpoint(utils.load_checkpoint(tmp_path / "whole" / "state_00010.pth"),
-                           utils.load_checkpoint(outf / "state_00010.pth"))
-    for name in ("train.dat", "val.dat"):
-        assert (outf / name).read_text() == (tmp_path / "whole" / name).read_text(), iteration
-    whole_log, resumed_log = (utils.read_stats(folder / "stats.jsonl")[0] for folder in (tmp_path / "whole", outf))
-    assert [trained(r) for r in resumed_log] == [trained(r) for r in whole_log], iteration
-    assert sorted(p.name for p in outf.glob("state_*.pth")) == ["state_00010.pth"]  # --clean kept its word
-
-
 @pytest.mark.parametrize("signum, where", [(signal.SIGTERM, "iteration"), (signal.SIGINT, "scoring")],
                          ids=["SIGTERM inside an iteration", "SIGINT while scoring"])
 def test_a_signal_stops_where_it_lands_and_resume_is_exact(signum, where, minidata_root, tmp_path, monkeypatch):
@@ -285,3 +243,125 @@ def test_a_signal_stops_where_it_lands_and_resume_is_exact(signum, where, minida
         assert (outf / name).read_text() == (tmp_path / "whole" / name).read_text()
     whole_log, resumed_log = (utils.read_stats(folder / "stats.jsonl")[0] for folder in (tmp_path / "whole", outf))
     assert [trained(r) for r in resumed_log] == [trained(r) for r in whole_log]
+
+
+SIGNALLED_RUN = """
+import os, signal, subprocess, sys
+sys.path.insert(0, %r)
+import train, utils
+signum, target, where = signal.Signals[sys.argv[1]], sys.argv[2], sys.argv[3]
+sent = []
+
+def send_once(now):  # to the group, from another process, as a scheduler or a terminal sends it
+    if now and not sent:
+        sent.append(signum)
+        if target == "group":
+            subprocess.run(["kill", "-s", signum.name[3:], "--", "-%%d" %% os.getpgrp()])
+        else:
+            os.kill(os.getpid(), signum)
+
+iterate, segmentation_scores, atomic_save = train.training_iteration, utils.segmentation_scores, utils.atomic_save
+if where == "iteration":
+    def training_iteration(nets, optimizers, xData, xReal, zData, opt, iteration, *rest):
+        send_once(iteration == 5)
+        return iterate(nets, optimizers, xData, xReal, zData, opt, iteration, *rest)
+    train.training_iteration = training_iteration
+elif where == "scoring":  # scored a batch at a time, while the scoring loaders' workers run
+    utils.segmentation_scores = lambda *args: send_once(True) or segmentation_scores(*args)
+else:
+    utils.atomic_save = lambda obj, path: send_once("state_" in str(path)) or atomic_save(obj, path)
+train.main(sys.argv[4:])
+"""
+STOPPED_AT = {"iteration": 6, "scoring": 4, "saving": 4}  # checkpoints every 4 iterations
+
+
+@pytest.fixture(scope="module")
+def whole_runs(minidata_root, tmp_path_factory):
+    """{workers: the output folder of a run never stopped}, made when first asked for."""
+    runs = {}
+
+    def whole(workers):
+        if workers not in runs:
+            runs[workers] = tmp_path_factory.mktemp("whole%d" % workers)
+            run_process("train.py", *signalled_run_flags(minidata_root, workers), "--outf", runs[workers],
+                        cwd=runs[workers])
+        return runs[workers]
+    return whole
+
+
+def signalled_run_flags(minidata_root, workers):
+    return ["--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--checkpointFreq", 4, "--manualSeed", 4,
+            "--nIteration", 7, "--nf", 4, "--batchSize", 2, "--nTest", 2, "--workers", workers, "--device", "cpu",
+            "--silent"]
+
+
+@pytest.mark.parametrize("signum, target, workers, where", [
+    ("SIGTERM", "group", 1, "iteration"), ("SIGTERM", "group", 1, "scoring"), ("SIGINT", "group", 1, "saving"),
+    ("SIGINT", "process", 0, "iteration"), ("SIGTERM", "process", 1, "scoring")])
+def test_a_signal_to_the_process_or_its_group_stops_cleanly_whatever_the_workers(signum, target, workers, where,
+                                                                                minidata_root, tmp_path,
+                                                                                whole_runs):
+    """SIGTERM or SIGINT to train.py alone or to its whole process group (loader workers
+    included, as a scheduler or a terminal sends it), inside an iteration, while scoring or
+    while saving: no traceback, a checkpoint of the iteration reached, one line, exit 0; no
+    process of the group outlives the run; --resume then ends as a run never stopped."""
+    script = tmp_path / "signalled_run.py"
+    script.write_text(SIGNALLED_RUN % ROOT)
+    outf = tmp_path / "out"
+    flags = [str(f) for f in signalled_run_flags(minidata_root, workers)]
+    with open(tmp_path / "run.log", "w") as log:
+        process = subprocess.Popen([sys.executable, str(script), signum, target, where, *flags, "--outf", str(outf)],
+                                   cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=PROCESS_ENV,
+                                   start_new_session=True)
+        returncode = process.wait(timeout=120)
+    text = (tmp_path / "run.log").read_text()
+    assert returncode == 0 and "Traceback" not in text, text
+    iteration = STOPPED_AT[where]
+    assert text.strip().splitlines()[-1] == (
+        "stopped by %s at iteration %d: %s holds it; continue with: python train.py --resume --outf %s"
+        % (signum, iteration, outf / ("state_%05d.pth" % iteration), outf))
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):  # the group is empty: no loader worker left behind
+        os.killpg(process.pid, 0)
+    run_process("train.py", "--resume", "--outf", outf, cwd=tmp_path)
+    whole = whole_runs(workers)
+    assert_same_checkpoint(utils.load_checkpoint(whole / "state_00008.pth"),
+                           utils.load_checkpoint(outf / "state_00008.pth"))
+    for name in ("train.dat", "val.dat"):
+        assert (outf / name).read_text() == (whole / name).read_text()
+
+
+def test_a_second_run_into_a_used_folder_stops_before_touching_it_and_overwrite_starts_clean(minidata_root,
+                                                                                             tmp_path):
+    outf = tmp_path / "out"
+    flags = ["--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--checkpointFreq", 2, "--manualSeed", 4,
+             "--outf", outf] + SMALL_RUN
+    run_script("train.py", *flags, "--nIteration", 3, cwd=tmp_path)
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in outf.iterdir()}
+    again = run_script("train.py", *flags, "--nIteration", 1, cwd=tmp_path, check=False)
+    assert one_line_error(again) == (
+        "error: --outf %s holds another run (best.pth, best_unsupervised.pth, curves.png, options.pth, ...): continue "
+        "it with --resume, start over with --overwrite (removes that run's files), or choose another --outf" % outf)
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in outf.iterdir()} == before
+    run_script("train.py", *flags, "--nIteration", 1, "--overwrite", cwd=tmp_path)
+    assert sorted(p.name for p in outf.glob("state_*.pth")) == ["state_00002.pth"]  # the old 4 is gone
+    assert [row[0] for row in utils.read_dat(outf / "val.dat")] == [2]
+    assert "--overwrite starts a new run" in one_line_error(
+        run_script("train.py", *flags, "--overwrite", "--resume", cwd=tmp_path, check=False))
+
+
+def test_resume_auto_starts_an_empty_folder_continues_its_run_and_refuses_another(minidata_root, tmp_path):
+    """The same command, requeued: it starts the run, then continues it from its newest
+    checkpoint; in a folder of a run with other options it stops with one line."""
+    outf = tmp_path / "out"
+    flags = ["--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--checkpointFreq", 2, "--manualSeed", 4,
+             "--outf", outf, "--resume", "auto"] + SMALL_RUN
+    run_script("train.py", *flags, "--nIteration", 1, cwd=tmp_path)
+    assert [row[0] for row in utils.read_dat(outf / "val.dat")] == [2]
+    run_script("train.py", *flags, "--nIteration", 3, cwd=tmp_path)  # requeued, run further
+    assert [row[0] for row in utils.read_dat(outf / "val.dat")] == [2, 4]
+    assert [r["events"] for r in utils.read_stats(outf / "stats.jsonl")[0]] == [[], ["resume"]]
+    other = run_script("train.py", *flags, "--lrM", 2e-4, cwd=tmp_path, check=False)
+    assert one_line_error(other) == (
+        "error: --resume auto: %s belongs to a run of another configuration: lrM=0.0002 (the run: 1e-05); continue it "
+        "with --resume (its own options), or use another --outf" % (outf / "state_00004.pth"))
