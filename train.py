@@ -309,8 +309,6 @@ def resolve_options(opt, explicit=()):
                 setattr(saved, name, getattr(opt, name))
         saved.resume, saved.overwrite = True, False
         opt, start = saved, (path, state)
-    elif opt.iteration == 0:
-        check_no_other_run(opt)
     if "bestValIoU" not in opt:
         opt.bestValIoU = 0
     for name in ("rollbacks",  # how many --rollback the run has used,
@@ -328,6 +326,8 @@ def resolve_options(opt, explicit=()):
         opt.manualSeed = random.randint(1, 10000)
     opt.device = utils.resolve_device(opt.device)
     check_options(opt)
+    if start is None and opt.iteration == 0:
+        check_no_other_run(opt)
     if start is None and opt.iteration > 0:
         path = state_path(opt, opt.iteration)
         if not os.path.isfile(path):
@@ -1050,10 +1050,13 @@ def train(opt, start=None, dist=None):
 
 @dataclass
 class Distributed:
-    """This process's place among torchrun's: rank 0 of 1 without torchrun."""
+    """This process's place among torchrun's: rank 0 of 1 without torchrun. flags: the
+    process group that agrees on host-side flags (the stop), on the CPU (gloo) whatever the
+    training's backend, so that agreeing never waits for a GPU."""
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    flags: Optional[object] = None
 
     @property
     def is_main(self):
@@ -1075,6 +1078,8 @@ class Distributed:
             torch.cuda.set_device(opt.device)
         torch.distributed.init_process_group("nccl" if opt.device.startswith("cuda") else "gloo",
                                              **restart_store(dist))
+        if torch.distributed.get_backend() != "gloo":
+            dist.flags = torch.distributed.new_group(backend="gloo")
         return dist
 
     def step_modules(self, nets):
@@ -1102,12 +1107,12 @@ class Distributed:
 
     def any(self, flag):
         """Whether any rank's flag is set (every rank gets the same answer: each stops at the
-        same iteration)."""
+        same iteration). Asked at every iteration, over the CPU group `flags`: it neither
+        waits for the GPU nor makes the GPU wait."""
         if self.world == 1:
             return flag
-        device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
-        tensor = torch.tensor([float(flag)], device=device)
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+        tensor = torch.tensor([float(flag)])
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX, group=self.flags)
         return bool(tensor.item())
 
     def close(self):

@@ -1,4 +1,5 @@
 """train.py under torchrun: DistributedDataParallel over 2 CPU processes (gloo)."""
+import argparse
 import json
 import os
 import socket
@@ -6,9 +7,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 import datasets
+import train
 import utils
 from conftest import ROOT, assert_same_tensors, assert_weights_retrace, force_collapse, run_script
 
@@ -174,14 +177,34 @@ def test_rollbacks_in_a_row_go_back_alike_on_every_rank(minidata_root, tmp_path)
     assert rank0["options"] == rank1["options"]
 
 
-def test_a_signal_to_one_rank_stops_every_rank_at_the_same_iteration_and_resume_is_exact(minidata_root, tmp_path):
+def interrupted_run_flags(minidata_root):
+    """A torchrun run that its own command starts or continues (--resume auto)."""
+    return ["--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--nf", 4, "--batchSize", 4, "--nTest", 2,
+            "--checkpointFreq", 2, "--manualSeed", 6, "--workers", 1, "--device", "cpu", "--silent", "--nIteration", 5,
+            "--resume", "auto"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(minidata_root, tmp_path_factory):
+    """The output folder of interrupted_run_flags' run, never interrupted."""
+    outf = tmp_path_factory.mktemp("uninterrupted")
+    torchrun(os.path.join(ROOT, "train.py"), interrupted_run_flags(minidata_root) + ["--outf", outf], cwd=outf)
+    return outf
+
+
+def assert_ends_as_uninterrupted(outf, uninterrupted):
+    whole, ended = (utils.load_checkpoint(folder / "state_00006.pth") for folder in (uninterrupted, outf))
+    assert_same_tensors({name: whole[name] for name in NETS}, {name: ended[name] for name in NETS})
+    for name in ("train.dat", "val.dat"):
+        assert (outf / name).read_text() == (uninterrupted / name).read_text(), name
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_iteration_and_resume_is_exact(minidata_root, tmp_path,
+                                                                                       uninterrupted):
     """Rank 1 alone gets SIGTERM inside iteration 2: both ranks stop at iteration 3, rank 0
     writes its checkpoint, both exit 0; resumed under torchrun, the run ends with the
     weights and .dat files of one never stopped."""
-    args = ["--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--nf", 4, "--batchSize", 4,
-            "--nTest", 2, "--checkpointFreq", 2, "--manualSeed", 6, "--workers", 1, "--device", "cpu", "--silent",
-            "--nIteration", 5]
-    torchrun(os.path.join(ROOT, "train.py"), args + ["--outf", tmp_path / "whole"], cwd=tmp_path)
+    args = interrupted_run_flags(minidata_root)
     outf = tmp_path / "stopped"
     result = torchrun(rank_script(tmp_path, signal_at=(1, 2, "SIGTERM")), args + ["--outf", outf], cwd=tmp_path,
                       timeout=120)
@@ -190,31 +213,21 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_iteration_and_resume_
     assert [r["options"]["iteration"] for r in ranks] == [3, 3]
     assert sorted(p.name for p in outf.glob("state_*.pth")) == ["state_00002.pth", "state_00003.pth"]
     torchrun(os.path.join(ROOT, "train.py"), ["--resume", "--outf", outf], cwd=tmp_path)
-    whole, resumed = (utils.load_checkpoint(folder / "state_00006.pth") for folder in (tmp_path / "whole", outf))
-    assert_same_tensors({name: whole[name] for name in NETS}, {name: resumed[name] for name in NETS})
-    for name in ("train.dat", "val.dat"):
-        assert (outf / name).read_text() == (tmp_path / "whole" / name).read_text(), name
+    assert_ends_as_uninterrupted(outf, uninterrupted)
 
 
-def test_torchrun_restarts_a_killed_worker_and_resume_auto_continues_exactly(minidata_root, tmp_path):
+def test_torchrun_restarts_a_killed_worker_and_resume_auto_continues_exactly(minidata_root, tmp_path, uninterrupted):
     """torchrun --max-restarts 1 with one command that starts or continues (--resume auto):
     rank 1 is killed (SIGKILL) between the checkpoints at 2 and 4; torchrun restarts both
     ranks, which continue from the checkpoint at 2 and end with the weights and .dat files
     of a run never interrupted."""
-    args = ["--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--nf", 4, "--batchSize", 4,
-            "--nTest", 2, "--checkpointFreq", 2, "--manualSeed", 6, "--workers", 1, "--device", "cpu", "--silent",
-            "--nIteration", 5, "--resume", "auto"]
-    torchrun(os.path.join(ROOT, "train.py"), args + ["--outf", tmp_path / "whole"], cwd=tmp_path)
     outf = tmp_path / "restarted"
-    result = torchrun(rank_script(tmp_path, signal_at=(1, 3, "SIGKILL")), args + ["--outf", outf], cwd=tmp_path,
-                      max_restarts=1)
+    result = torchrun(rank_script(tmp_path, signal_at=(1, 3, "SIGKILL")),
+                      interrupted_run_flags(minidata_root) + ["--outf", outf], cwd=tmp_path, max_restarts=1)
     assert "failed (exitcode: -9) local_rank: 1" in result.stderr  # the first start's SIGKILL, as torchrun reports it
     records = utils.read_stats(outf / "stats.jsonl")[0]
     assert [(r["iteration"], r["events"]) for r in records] == [(2, []), (4, ["resume"]), (6, [])]
-    whole, restarted = (utils.load_checkpoint(folder / "state_00006.pth") for folder in (tmp_path / "whole", outf))
-    assert_same_tensors({name: whole[name] for name in NETS}, {name: restarted[name] for name in NETS})
-    for name in ("train.dat", "val.dat"):
-        assert (outf / name).read_text() == (tmp_path / "whole" / name).read_text(), name
+    assert_ends_as_uninterrupted(outf, uninterrupted)
 
 
 def test_batch_size_must_split_evenly(minidata_root, tmp_path):
@@ -224,3 +237,23 @@ def test_batch_size_must_split_evenly(minidata_root, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode != 0
     assert "--batchSize 3: under torchrun it is the global batch" in result.stderr
+
+
+def test_the_stop_is_agreed_over_a_cpu_group_on_gpus(monkeypatch):
+    """Under torchrun with NCCL, the stop asked at every iteration goes through a gloo group of
+    its own, on a CPU tensor: reading it never waits for the GPU (no host sync per iteration)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kwargs: None)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.distributed, "new_group", lambda backend: "a gloo group" if backend == "gloo" else None)
+    opt = argparse.Namespace(batchSize=4, device="cuda")
+    dist = train.Distributed.from_environment(opt)
+    assert (dist.rank, dist.world, opt.device, dist.flags) == (1, 2, "cuda:1", "a gloo group")
+    reduced = []
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor, op, group: reduced.append(
+        (tensor.device.type, group)) or tensor.fill_(1.0))
+    assert dist.any(False) is True  # another rank's flag
+    assert reduced == [("cpu", "a gloo group")]

@@ -77,8 +77,8 @@ def test_lfw_and_flowers_together(minidata_root, tmp_path):
         assert 0 <= iou <= acc <= 1  # train: scored on the Flowers images, LFW's have no masks
     mixed = datasets.make_dataset("lfw+flowers", roots, "train")
     assert len(mixed) == 6 + 6
-    result = run_script("train.py", "--dataset", "lfw+flowers", "--dataroot", minidata_root / "lfw", "--outf", outf,
-                        *SMALL_RUN, cwd=tmp_path, check=False)
+    result = run_script("train.py", "--dataset", "lfw+flowers", "--dataroot", minidata_root / "lfw", "--outf",
+                        tmp_path / "other", *SMALL_RUN, cwd=tmp_path, check=False)
     assert "takes two folders, LFW_ROOT,FLOWERS_ROOT" in result.stderr
 
 

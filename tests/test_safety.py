@@ -2,7 +2,6 @@
 import errno
 import os
 import random
-import re
 import select
 import signal
 import subprocess
@@ -295,9 +294,8 @@ def signalled_run_flags(minidata_root, workers):
             "--silent"]
 
 
-@pytest.mark.parametrize("signum, target, workers, where", [
-    ("SIGTERM", "group", 1, "iteration"), ("SIGTERM", "group", 1, "scoring"), ("SIGINT", "group", 1, "saving"),
-    ("SIGINT", "process", 0, "iteration"), ("SIGTERM", "process", 1, "scoring")])
+@pytest.mark.parametrize("signum, target, workers, where", [  # each signal, target, worker count and moment once
+    ("SIGTERM", "group", 1, "scoring"), ("SIGINT", "group", 1, "saving"), ("SIGINT", "process", 0, "iteration")])
 def test_a_signal_to_the_process_or_its_group_stops_cleanly_whatever_the_workers(signum, target, workers, where,
                                                                                 minidata_root, tmp_path,
                                                                                 whole_runs):

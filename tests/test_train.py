@@ -166,7 +166,7 @@ def test_auto_restart_only_up_to_iteration_7000(iteration, restarts, minidata_ro
     is only told and goes on, as in the original (train.train then saves the checkpoint)."""
     outf = tmp_path / "out"
     common, state = collapsed_checkpoint(minidata_root, outf, [])
-    argv = [str(a) for a in common] + ["--autoRestart", "0.1"]
+    argv = [str(a) for a in common] + ["--autoRestart", "0.1", "--iteration", "2"]
     opt, _ = train.resolve_options(train.make_parser().parse_args(argv), train.explicit_flags(argv))
     run = train.TrainingRun(opt, (str(outf / "state_00002.pth"), state))
     opt.iteration = iteration
@@ -398,11 +398,11 @@ def test_an_early_restart_starts_from_fresh_nets_and_keeps_nothing_of_the_abando
     monkeypatch.setattr(train.TrainingRun, "train_one_iteration", iteration)
     flags = ["--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--outf", outf, "--checkpointFreq", 2,
              "--manualSeed", 3, "--earlyRestart", 0.5] + SMALL_RUN
+    opt = training_options(*flags)
     run_script("train.py", *flags, "--nIteration", 1, cwd=tmp_path)
     assert [iteration for iteration, _ in before] == [0, 1, 0, 1]  # the abandoned start, then the next
     rng, files, dat_files = decisions[0]
     assert not [name for name in files if name.startswith(("state_", "best"))], files
     assert all(text == "" for text in dat_files), dat_files
-    opt = training_options(*flags)
     assert_same_tensors(before[2][1], fresh_nets_in_the_original_order(opt, rng, after[1]["netRecZ"]))
     assert [row[0] for row in read_dat(outf / "val.dat")] == [2]
