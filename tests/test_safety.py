@@ -200,50 +200,6 @@ def test_resume_keeps_the_runs_clean_unless_told_otherwise(minidata_root, tmp_pa
                                                                  "state_00010.pth"]
 
 
-@pytest.mark.parametrize("signum, where", [(signal.SIGTERM, "iteration"), (signal.SIGINT, "scoring")],
-                         ids=["SIGTERM inside an iteration", "SIGINT while scoring"])
-def test_a_signal_stops_where_it_lands_and_resume_is_exact(signum, where, minidata_root, tmp_path, monkeypatch):
-    """The signal raised in the run's own process at a chosen point: inside iteration 6 (of
-    the period from 4 to 8), the run stops at 7 with a checkpoint of its own that holds the
-    three iterations of its half-period; while the checkpoint at 8 is scored, it stops at 8
-    with that checkpoint alone. Resumed, either ends as a run that was never stopped."""
-    args = ["--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--checkpointFreq", 4, "--manualSeed", 4,
-            "--nIteration", 11, "--clean"] + SMALL_RUN
-    run_script("train.py", *args, "--outf", tmp_path / "whole", cwd=tmp_path)
-    iterate, score = train.training_iteration, train.TrainingRun.score
-
-    def iteration_signalled(nets, optimizers, xData, xReal, zData, opt, iteration, *rest):
-        if iteration == 6:
-            os.kill(os.getpid(), signum)
-        return iterate(nets, optimizers, xData, xReal, zData, opt, iteration, *rest)
-
-    def scoring_signalled(run):
-        if run.opt.iteration == 8:
-            os.kill(os.getpid(), signum)
-        return score(run)
-
-    with monkeypatch.context() as m:
-        if where == "iteration":
-            m.setattr(train, "training_iteration", iteration_signalled)
-        else:
-            m.setattr(train.TrainingRun, "score", scoring_signalled)
-        result = run_script("train.py", *args, "--outf", tmp_path / "stopped", cwd=tmp_path)
-    outf, iteration = tmp_path / "stopped", {"iteration": 7, "scoring": 8}[where]
-    checkpoint = outf / ("state_%05d.pth" % iteration)
-    assert result.stderr.splitlines()[-1] == (
-        "stopped by %s at iteration %d: %s holds it; continue with: python train.py --resume --outf %s"
-        % (signal.Signals(signum).name, iteration, checkpoint, outf))
-    assert sorted(p.name for p in outf.glob("state_*.pth")) == [checkpoint.name]
-    assert utils.load_checkpoint(checkpoint)["resume"]["period"]["iterations"] == {"iteration": 3, "scoring": 0}[where]
-    run_script("train.py", "--resume", "--outf", outf, cwd=tmp_path)
-    assert_same_checkpoint(utils.load_checkpoint(tmp_path / "whole" / "state_00012.pth"),
-                           utils.load_checkpoint(outf / "state_00012.pth"))
-    for name in ("train.dat", "val.dat"):
-        assert (outf / name).read_text() == (tmp_path / "whole" / name).read_text()
-    whole_log, resumed_log = (utils.read_stats(folder / "stats.jsonl")[0] for folder in (tmp_path / "whole", outf))
-    assert [trained(r) for r in resumed_log] == [trained(r) for r in whole_log]
-
-
 SIGNALLED_RUN = """
 import os, signal, subprocess, sys
 sys.path.insert(0, %r)
@@ -272,6 +228,7 @@ else:
 train.main(sys.argv[4:])
 """
 STOPPED_AT = {"iteration": 6, "scoring": 4, "saving": 4}  # checkpoints every 4 iterations
+HALF_PERIOD = {"iteration": 2, "scoring": 0, "saving": 0}  # iterations since the last checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -300,9 +257,11 @@ def test_a_signal_to_the_process_or_its_group_stops_cleanly_whatever_the_workers
                                                                                 minidata_root, tmp_path,
                                                                                 whole_runs):
     """SIGTERM or SIGINT to train.py alone or to its whole process group (loader workers
-    included, as a scheduler or a terminal sends it), inside an iteration, while scoring or
-    while saving: no traceback, a checkpoint of the iteration reached, one line, exit 0; no
-    process of the group outlives the run; --resume then ends as a run never stopped."""
+    included, as a scheduler or a terminal sends it), raised where the test says: inside
+    iteration 5 (stops at 6 with a checkpoint of its own, holding the two iterations of its
+    half-period), while scoring or while saving the checkpoint at 4 (stops at 4 with that one
+    alone). No traceback, one line, exit 0; no process of the group outlives the run;
+    --resume then ends as a run never stopped: weights, .dat files, every record's losses."""
     script = tmp_path / "signalled_run.py"
     script.write_text(SIGNALLED_RUN % ROOT)
     outf = tmp_path / "out"
@@ -318,6 +277,10 @@ def test_a_signal_to_the_process_or_its_group_stops_cleanly_whatever_the_workers
     assert text.strip().splitlines()[-1] == (
         "stopped by %s at iteration %d: %s holds it; continue with: python train.py --resume --outf %s"
         % (signum, iteration, outf / ("state_%05d.pth" % iteration), outf))
+    assert sorted(p.name for p in outf.glob("state_*.pth")) == sorted({"state_00004.pth",
+                                                                      "state_%05d.pth" % iteration})
+    assert utils.load_checkpoint(outf / ("state_%05d.pth" % iteration))["resume"]["period"]["iterations"] == \
+        HALF_PERIOD[where]
     time.sleep(0.5)
     with pytest.raises(ProcessLookupError):  # the group is empty: no loader worker left behind
         os.killpg(process.pid, 0)
@@ -327,6 +290,8 @@ def test_a_signal_to_the_process_or_its_group_stops_cleanly_whatever_the_workers
                            utils.load_checkpoint(outf / "state_00008.pth"))
     for name in ("train.dat", "val.dat"):
         assert (outf / name).read_text() == (whole / name).read_text()
+    whole_log, resumed_log = (utils.read_stats(folder / "stats.jsonl")[0] for folder in (whole, outf))
+    assert [trained(r) for r in resumed_log] == [trained(r) for r in whole_log]
 
 
 def test_a_second_run_into_a_used_folder_stops_before_touching_it_and_overwrite_starts_clean(minidata_root,
