@@ -257,3 +257,4 @@ def test_the_stop_is_agreed_over_a_cpu_group_on_gpus(monkeypatch):
         (tensor.device.type, group)) or tensor.fill_(1.0))
     assert dist.any(False) is True  # another rank's flag
     assert reduced == [("cpu", "a gloo group")]
+

@@ -328,3 +328,13 @@ def test_resume_auto_starts_an_empty_folder_continues_its_run_and_refuses_anothe
     assert one_line_error(other) == (
         "error: --resume auto: %s belongs to a run of another configuration: lrM=0.0002 (the run: 1e-05); continue it "
         "with --resume (its own options), or use another --outf" % (outf / "state_00004.pth"))
+
+
+def test_a_process_that_keeps_its_batch_stream_to_the_end_still_exits(minidata_root, tmp_path):
+    """Loader workers end on their own parent's SIGTERM, which multiprocessing sends at exit to
+    the workers of a stream still open (a torchrun rank script keeps its run to the end)."""
+    script = ("import sys; sys.path.insert(0, %r); import datasets\n"
+              "stream = datasets.BatchStream(datasets.make_dataset('flowers', %r, 'train'), 2, 1)\n"
+              "next(stream); print('one batch', flush=True)\n" % (ROOT, str(minidata_root / "flowers")))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert (result.returncode, result.stdout) == (0, "one batch\n"), result.stderr
