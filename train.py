@@ -347,7 +347,7 @@ def check_same_command(saved, opt, given, path):
 
 RUN_FILES = ("state_[0-9]*.pth", "options.pth", "best.pth", "best_unsupervised.pth", "train.dat", "val.dat",
              "stats.jsonl", "curves.png", "out_[0-9]*.png", "tensorboard")
-"""What a run writes in --outf (README, What a run writes); the first five are checkpoints."""
+"""What a run writes in --outf (README, What a run writes); the first four are checkpoints."""
 
 
 def run_files(outf, patterns=RUN_FILES):
@@ -359,7 +359,7 @@ def check_no_other_run(opt):
     """A new run never destroys another: into an --outf that holds a run's files it starts
     only with --overwrite (train() removes them), or, with --resume auto, when none of them
     is a checkpoint (what a start stopped before its first checkpoint left)."""
-    found = run_files(opt.outf, RUN_FILES[:5] if opt.resume == "auto" else RUN_FILES)
+    found = run_files(opt.outf, RUN_FILES[:4] if opt.resume == "auto" else RUN_FILES)
     if found and not opt.overwrite:
         listed = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
         raise UserError("--outf %s holds another run (%s): continue it with --resume, start over with --overwrite "

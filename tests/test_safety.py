@@ -314,9 +314,13 @@ def test_a_second_run_into_a_used_folder_stops_before_touching_it_and_overwrite_
 
 
 def test_resume_auto_starts_an_empty_folder_continues_its_run_and_refuses_another(minidata_root, tmp_path):
-    """The same command, requeued: it starts the run, then continues it from its newest
-    checkpoint; in a folder of a run with other options it stops with one line."""
+    """The same command, requeued: it starts the run (also over what a start stopped before
+    its first checkpoint left), then continues it from its newest checkpoint; in a folder of
+    a run with other options it stops with one line."""
     outf = tmp_path / "out"
+    outf.mkdir()
+    for name in ("train.dat", "val.dat"):
+        (outf / name).write_text("2 0.5 0.25\n")  # scored, then stopped before its checkpoint
     flags = ["--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--checkpointFreq", 2, "--manualSeed", 4,
              "--outf", outf, "--resume", "auto"] + SMALL_RUN
     run_script("train.py", *flags, "--nIteration", 1, cwd=tmp_path)
