@@ -392,8 +392,7 @@ class InMemoryDataset(torch.utils.data.Dataset):
         if isinstance(dataset, CMNISTDataset):
             raise UserError("--cacheData: cmnist draws new images at each access; it cannot be cached")
         # a private generator: filling the cache draws nothing from the run's random streams
-        loader = Loader(dataset, batch_size=batch_size, num_workers=workers, generator=torch.Generator(),
-                        worker_init_fn=start_worker)
+        loader = Loader(dataset, batch_size=batch_size, num_workers=workers, generator=torch.Generator())
         images, masks = [], []
         for x, m in loader:
             images.append(torch.round((x + 1) / 2 * 255).to(torch.uint8))
@@ -420,7 +419,7 @@ def make_loader(dataset, batch_size, workers, pin_memory=False):
     """Shuffled batches, the last incomplete one dropped, as every loader of the original.
     pin_memory: batches in page-locked memory, for asynchronous copies to a GPU."""
     return Loader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
-                  pin_memory=pin_memory, worker_init_fn=start_worker)
+                  pin_memory=pin_memory)
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -473,20 +472,16 @@ class ShardedBatchSampler(torch.utils.data.Sampler):
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
-class Loader(torch.utils.data.DataLoader):
-    """A DataLoader whose workers are born with SIGINT and SIGTERM blocked (start_worker then
-    leaves them to the main process): a signal to the whole job while workers start would
-    otherwise end them before they could ignore it. The main process gets the signal once
-    its workers have started."""
-
-    def _get_iterator(self):
-        if self.num_workers == 0 or not hasattr(signal, "pthread_sigmask"):
-            return super()._get_iterator()
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        try:
-            return super()._get_iterator()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+def start_worker(worker_id, rank=0, world=1):
+    """Every loader worker leaves SIGINT and SIGTERM to the main process (leave_stop_signals_to_parent).
+    Under torchrun, the workers of each rank draw their own random numbers (a dataset that
+    draws its images, such as cmnist, must not give every rank the same)."""
+    leave_stop_signals_to_parent()
+    if world > 1:
+        seed = (torch.initial_seed() + 1000003 * rank) % 2**32
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
 
 
 def leave_stop_signals_to_parent():
@@ -508,6 +503,25 @@ def leave_stop_signals_to_parent():
         os._exit(0)
 
     threading.Thread(target=wait_for_the_parents, daemon=True).start()
+
+
+class Loader(torch.utils.data.DataLoader):
+    """A DataLoader whose workers are born with SIGINT and SIGTERM blocked (start_worker then
+    leaves them to the main process): a signal to the whole job while workers start would
+    otherwise end them before they could ignore it. The main process gets the signal once
+    its workers have started. Its workers start with start_worker unless told otherwise."""
+
+    def __init__(self, *args, worker_init_fn=start_worker, **kwargs):
+        super().__init__(*args, worker_init_fn=worker_init_fn, **kwargs)
+
+    def _get_iterator(self):
+        if self.num_workers == 0 or not hasattr(signal, "pthread_sigmask"):
+            return super()._get_iterator()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return super()._get_iterator()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 class BatchStream:
@@ -537,15 +551,3 @@ class BatchStream:
 
     def state_dict(self):
         return {"epoch_seed": self.sampler.seed, "batches_consumed": self.consumed}
-
-
-def start_worker(worker_id, rank=0, world=1):
-    """Every loader worker leaves SIGINT and SIGTERM to the main process (leave_stop_signals_to_parent).
-    Under torchrun, the workers of each rank draw their own random numbers (a dataset that
-    draws its images, such as cmnist, must not give every rank the same)."""
-    leave_stop_signals_to_parent()
-    if world > 1:
-        seed = (torch.initial_seed() + 1000003 * rank) % 2**32
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)

@@ -270,6 +270,13 @@ def assert_same_tensors(a, b):
         assert torch.equal(ta, tb), name
 
 
+def assert_same_checkpoint(a, b):
+    """Bit for bit: every tensor of every net and optimizer, under the same names."""
+    keys = sorted(key for key in a if key.startswith(("net", "optimizer")))
+    assert keys == sorted(key for key in b if key.startswith(("net", "optimizer")))
+    assert_same_tensors({key: a[key] for key in keys}, {key: b[key] for key in keys})
+
+
 def force_collapse(path):
     """Make the checkpoint at path collapsed: its mask extractor gives region 0 the whole
     image (the sigmoid of a huge bias). Returns the changed state."""

@@ -13,17 +13,10 @@ import torch
 
 import train
 import utils
-from conftest import PROCESS_ENV, ROOT, SMALL_RUN, assert_same_tensors, one_line_error, run_process, run_script
+from conftest import PROCESS_ENV, ROOT, SMALL_RUN, assert_same_checkpoint, one_line_error, run_process, run_script
 from test_stats import trained
 
 SEEDED_RUN = ["--dataset", "flowers", "--checkpointFreq", 2, "--manualSeed", 4, "--clean"] + SMALL_RUN
-
-
-def assert_same_checkpoint(a, b):
-    """Bit for bit: every tensor of every net and optimizer, under the same names."""
-    keys = sorted(key for key in a if key.startswith(("net", "optimizer")))
-    assert keys == sorted(key for key in b if key.startswith(("net", "optimizer")))
-    assert_same_tensors({key: a[key] for key in keys}, {key: b[key] for key in keys})
 
 
 def test_run_killed_at_random_moments_and_resumed_ends_bit_for_bit_as_uninterrupted(minidata_root, tmp_path):
