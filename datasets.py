@@ -314,9 +314,18 @@ class SyntheticDataset(torch.utils.data.Dataset):
         return rho <= r * (0.75 + 0.25 * np.cos(k * theta))
 
 
+def folder_split(position, count):
+    """The split of the image at `position` among a folder's `count` (sorted): of every ten,
+    the fifth is for test and the tenth for validation; a folder of under ten gives its
+    last image to validation and the one before it to test."""
+    if count < 10:
+        return {count - 1: "val", count - 2: "test"}.get(position, "train")
+    return {9: "val", 4: "test"}.get(position % 10, "train")
+
+
 class FolderDataset(torch.utils.data.Dataset):
-    """Your own images: every image file under a folder (searched recursively, sorted). Every
-    tenth image is held out for validation, and the test split is that same held-out set.
+    """Your own images: every image file under a folder (searched recursively, sorted), split
+    by folder_split into train, validation and test images (disjoint).
     Masks are optional: with maskPath, the mask of IMAGES/a/b.jpg is MASKS/a/b.<png, ...>
     (white on the object), and scores are computed; without, scores are NaN."""
 
@@ -325,11 +334,10 @@ class FolderDataset(torch.utils.data.Dataset):
         if not os.path.isdir(dataPath):
             raise UserError("--dataroot %s: no such folder (--dataset folder: a folder of images)" % dataPath)
         files = image_files(dataPath)
-        if len(files) < 2:
-            raise UserError("--dataroot %s: found %d image files, need at least 2 (looked for %s)"
+        if len(files) < 3:
+            raise UserError("--dataroot %s: found %d image files, need at least 3 (looked for %s)"
                             % (dataPath, len(files), ", ".join(IMAGE_EXTENSIONS)))
-        held_out = [i % 10 == 9 or i == len(files) - 1 for i in range(len(files))]
-        self.files = [f for f, out in zip(files, held_out) if out == (sets != "train")]
+        self.files = [f for i, f in enumerate(files) if folder_split(i, len(files)) == sets]
         self.datapath, self.maskpath = dataPath, maskPath
         self.masks = [self._mask_file(f) for f in self.files] if maskPath else None
         self.has_masks = maskPath is not None

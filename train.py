@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import torchvision.utils as vutils
 from tqdm import tqdm
 
+import augment
 import datasets
 import models
 import utils
@@ -124,12 +125,13 @@ def frozen(net):
             p.requires_grad_(True)
 
 
-def generator_step(modules, optimizers, xData, zData, wrecZ):
+def generator_step(modules, optimizers, xData, zData, wrecZ, transform=None):
     """Update the mask extractor, the generators and the noise reconstructor so that every
-    composite looks real to netDX and z can be recovered from the redrawn regions."""
+    composite looks real to netDX and z can be recovered from the redrawn regions. transform:
+    what netDX sees of the composites (--diffAugment), when not the composites themselves."""
     _, hGen, xGen = redraw_all_regions(modules, xData, zData)
     with frozen(modules.netDX):  # its gradients would be discarded: the D step starts from zero
-        lossG = -modules.netDX(xGen).mean()
+        lossG = -modules.netDX(transform(xGen) if transform else xGen).mean()
     losses = {}
     if modules.netRecZ is not None:
         err_recZ = F.mse_loss(modules.netRecZ(hGen.sum(1)), zData)
@@ -144,12 +146,15 @@ def generator_step(modules, optimizers, xData, zData, wrecZ):
     return losses
 
 
-def discriminator_step(modules, optimizers, xData, xReal, zData):
+def discriminator_step(modules, optimizers, xData, xReal, zData, transform=None):
     """Hinge-loss update of netDX on real images and on composites recomputed (without
-    gradient) by the just-updated nets."""
+    gradient) by the just-updated nets. transform: the same transform of each real image and
+    of the composites of the image in its place (--diffAugment)."""
     modules.netDX.zero_grad()
     with torch.no_grad():
         _, _, xGen = redraw_all_regions(modules, xData, zData)
+    if transform:
+        xReal, xGen = transform(xReal), transform(xGen)
     dReal, dFake = modules.realAndFake(xReal, xGen)
     lossD = F.relu(1 - dReal).mean() + F.relu(1 + dFake).mean()
     lossD.backward()
@@ -157,18 +162,20 @@ def discriminator_step(modules, optimizers, xData, xReal, zData):
     return {"lossD": lossD.detach()}
 
 
-def training_iteration(nets, optimizers, xData, xReal, zData, opt, iteration, modules=None):
+def training_iteration(nets, optimizers, xData, xReal, zData, opt, iteration, modules=None,
+                       augmentations=(None, None)):
     """One ReDO iteration: a generator step every gStepFreq iterations, then a discriminator
     step every dStepFreq iterations. Returns the losses of the steps taken. `modules`: what
-    the steps call, when not the nets themselves (torchrun)."""
+    the steps call, when not the nets themselves (torchrun); `augmentations`: the transforms
+    of what netDX sees in each step (--diffAugment)."""
     modules = modules or StepModules.of(nets)
     nets.zero_grad()
     nets.train()
     losses = {}
     if iteration % opt.gStepFreq == 0:
-        losses.update(generator_step(modules, optimizers, xData, zData, opt.wrecZ))
+        losses.update(generator_step(modules, optimizers, xData, zData, opt.wrecZ, augmentations[0]))
     if iteration % opt.dStepFreq == 0:
-        losses.update(discriminator_step(modules, optimizers, xData, xReal, zData))
+        losses.update(discriminator_step(modules, optimizers, xData, xReal, zData, augmentations[1]))
     return losses
 
 
@@ -252,6 +259,10 @@ def make_parser():
     p.add_argument('--skipOrthoInitSN', action='store_true',
                    help="leave spectral-norm layers at PyTorch's default init, as the original's GPU runs "
                         "did (see README)")
+    p.add_argument('--hflip', action='store_true', help='flip half of the training images left to right, at random')
+    p.add_argument('--diffAugment', type=augment.policy, default=(), metavar='T1,T2',
+                   help="show netDX real images and composites through the same random transforms, among %s "
+                        "(DiffAugment)" % ", ".join(augment.POLICIES))
     return p
 
 
@@ -666,15 +677,27 @@ class TrainingRun:
         xData = next(self.genData)[0].to(self.device, non_blocking=True)
         xReal = next(self.disData)[0].to(self.device, non_blocking=True)
         # the noise of the whole batch, drawn alike on every rank; each takes its own share
-        zData = torch.randn((xData.size(0) * self.dist.world, opt.nMasks, opt.nz, 1, 1), device=self.device)
-        zData = zData[self.dist.rank * xData.size(0):(self.dist.rank + 1) * xData.size(0)]
+        batch = xData.size(0) * self.dist.world
+        zData = self.share(torch.randn((batch, opt.nMasks, opt.nz, 1, 1), device=self.device))
+        if opt.hflip:
+            xData = augment.flip_horizontally(xData, self.share(augment.draw_flips(batch)))
+            xReal = augment.flip_horizontally(xReal, self.share(augment.draw_flips(batch)))
+        augmentations = (None, None)
+        if opt.diffAugment:
+            augmentations = tuple(augment.DiffAugment.draw(opt.diffAugment, batch, opt.sizex).share(
+                self.dist.rank, self.dist.world) for _ in ("generator step", "discriminator step"))
         with self.autocast():
             losses = training_iteration(self.nets, self.optimizers, xData, xReal, zData, opt, opt.iteration,
-                                        self.modules)
+                                        self.modules, augmentations)
         check_finite(losses, opt.iteration)
         self.period_losses.add(losses)
         self.period_iterations += 1
         opt.iteration += 1
+
+    def share(self, whole):
+        """This rank's share of something drawn for the whole batch of every rank."""
+        part = len(whole) // self.dist.world
+        return whole[self.dist.rank * part:(self.dist.rank + 1) * part]
 
     # -------------------------------------------------------------- the end of a period (rank 0)
 

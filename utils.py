@@ -36,10 +36,11 @@ def user_error_message(error):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows each flag's default, where it has one (not None, not an unset switch)."""
+    """--help shows each flag's default, where it has one (not None, not an unset switch, not
+    an empty list)."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False):
+        if action.default in (None, False, ()):
             return action.help
         return super()._get_help_string(action)
 

@@ -40,7 +40,7 @@ def test_redraw_without_generators_says_what_is_missing(tmp_path):
 
 
 def test_folder_dataset_names_a_missing_mask_and_a_bad_image(tmp_path):
-    minidata.make_folder(tmp_path, n=12)
+    minidata.make_folder(tmp_path, n=20)
     os.remove(tmp_path / "masks" / "a" / "img03.png")
     result = run_script("train.py", "--dataset", "folder", "--dataroot", tmp_path / "images", "--maskroot",
                         tmp_path / "masks", "--outf", tmp_path / "out", *SMALL_RUN, cwd=tmp_path, check=False)

@@ -40,13 +40,17 @@ def test_synthetic_trains_end_to_end_without_data(tmp_path, monkeypatch):
     assert "test split of synthetic (4 images): accuracy" in shown.stdout and (tmp_path / "out.png").exists()
 
 
-def test_folder_dataset_splits_and_masks(tmp_path):
-    minidata.make_folder(tmp_path)
-    train_split = datasets.make_dataset("folder", str(tmp_path / "images"), "train", maskroot=str(tmp_path / "masks"))
-    val_split = datasets.make_dataset("folder", str(tmp_path / "images"), "val", maskroot=str(tmp_path / "masks"))
-    assert len(train_split) + len(val_split) == 12 and len(val_split) == 2
-    assert not set(train_split.files) & set(val_split.files)
-    x, m = val_split[0]
+@pytest.mark.parametrize("n, val, test", [(12, [9], [4]), (25, [9, 19], [4, 14, 24]), (4, [3], [2])])
+def test_folder_dataset_splits_and_masks(n, val, test, tmp_path):
+    """Disjoint splits: of every ten images (sorted by path), the fifth for test and the
+    tenth for validation; under ten, the last for validation and the one before for test."""
+    minidata.make_folder(tmp_path, n=n)
+    files = datasets.image_files(tmp_path / "images")
+    splits = {split: datasets.make_dataset("folder", str(tmp_path / "images"), split, maskroot=str(tmp_path / "masks"))
+              for split in ("train", "val", "test")}
+    assert splits["val"].files == [files[i] for i in val] and splits["test"].files == [files[i] for i in test]
+    assert splits["train"].files == [f for i, f in enumerate(files) if i not in val + test]
+    x, m = splits["train"][0]
     assert x.shape == (3, 128, 128) and set(m.unique().tolist()) == {0.0, 1.0}
     unmasked = datasets.make_dataset("folder", str(tmp_path / "images"), "val")
     assert torch.isnan(unmasked[0][1]).all()
