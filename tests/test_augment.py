@@ -1,12 +1,11 @@
 """Training on few images: --hflip and --diffAugment (off by default; the seeded retrace of
 the original in test_train.py runs with both off)."""
-import pytest
 import torch
 
 import augment
 import train
 import utils
-from conftest import SMALL_RUN, assert_same_checkpoint, assert_same_tensors, run_script
+from conftest import SMALL_RUN, assert_same_checkpoint, run_script
 
 FEW_IMAGES = ["--dataset", "flowers", "--checkpointFreq", 2, "--manualSeed", 5, "--clean", *SMALL_RUN]
 
@@ -109,15 +108,11 @@ def test_hflip_mirrors_the_batches_the_nets_get(minidata_root, tmp_path, monkeyp
     assert torch.equal(flipped_data, plain_data.flip(3)) and torch.equal(flipped_real, plain_real.flip(3))
 
 
-def test_a_run_with_both_resumes_exactly_and_differs_from_one_without(minidata_root, tmp_path):
+def test_a_run_with_both_resumes_exactly(minidata_root, tmp_path):
     args = [*FEW_IMAGES, "--dataroot", minidata_root / "flowers", "--hflip", "--diffAugment", "color,translation,cutout"]
-    run_script("train.py", *args, "--nIteration", 5, "--outf", tmp_path / "whole", cwd=tmp_path)
-    run_script("train.py", *args, "--nIteration", 3, "--outf", tmp_path / "parts", cwd=tmp_path)
-    run_script("train.py", "--resume", "--nIteration", 5, "--outf", tmp_path / "parts", cwd=tmp_path)
-    whole = utils.load_checkpoint(tmp_path / "whole" / "state_00006.pth")
-    assert_same_checkpoint(whole, utils.load_checkpoint(tmp_path / "parts" / "state_00006.pth"))
+    run_script("train.py", *args, "--nIteration", 3, "--outf", tmp_path / "whole", cwd=tmp_path)
+    run_script("train.py", *args, "--nIteration", 1, "--outf", tmp_path / "parts", cwd=tmp_path)
+    run_script("train.py", "--resume", "--nIteration", 3, "--outf", tmp_path / "parts", cwd=tmp_path)
+    whole = utils.load_checkpoint(tmp_path / "whole" / "state_00004.pth")
+    assert_same_checkpoint(whole, utils.load_checkpoint(tmp_path / "parts" / "state_00004.pth"))
     assert whole["options"].hflip and whole["options"].diffAugment == ("color", "translation", "cutout")
-    run_script("train.py", *FEW_IMAGES, "--dataroot", minidata_root / "flowers", "--nIteration", 5,
-               "--outf", tmp_path / "plain", cwd=tmp_path)
-    with pytest.raises(AssertionError):
-        assert_same_tensors(whole["netEncM"], utils.load_checkpoint(tmp_path / "plain" / "state_00006.pth")["netEncM"])
