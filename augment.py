@@ -63,17 +63,17 @@ class DiffAugment:
             drawn["cutout"] = torch.randint(0, size, (n, 2))
         return cls(**drawn)
 
-    def share(self, rank, world):
-        """The transforms of rank's share of a batch drawn for every rank."""
-        def part(t):
-            n = len(t) // world
-            return t[rank * n:(rank + 1) * n]
-        return DiffAugment(**{f.name: None if getattr(self, f.name) is None else part(getattr(self, f.name))
-                              for f in fields(self)})
+    def map(self, function):
+        """The transforms with function applied to each drawn tensor (e.g. a rank's share)."""
+        return DiffAugment(**{name: function(t) for name, t in self.drawn().items()})
+
+    def drawn(self):
+        """{field name: tensor} of the transforms drawn."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
     def __call__(self, x):
         """x (N * k, C, H, W): rows i * k to i * k + k - 1 get transform i."""
-        k = len(x) // len(next(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None))
+        k = len(x) // len(next(iter(self.drawn().values())))
 
         def each(t):
             return t.to(x.device).repeat_interleave(k, 0)

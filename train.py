@@ -684,8 +684,8 @@ class TrainingRun:
             xReal = augment.flip_horizontally(xReal, self.share(augment.draw_flips(batch)))
         augmentations = (None, None)
         if opt.diffAugment:
-            augmentations = tuple(augment.DiffAugment.draw(opt.diffAugment, batch, opt.sizex).share(
-                self.dist.rank, self.dist.world) for _ in ("generator step", "discriminator step"))
+            augmentations = tuple(augment.DiffAugment.draw(opt.diffAugment, batch, opt.sizex).map(self.share)
+                                  for _ in ("generator step", "discriminator step"))
         with self.autocast():
             losses = training_iteration(self.nets, self.optimizers, xData, xReal, zData, opt, opt.iteration,
                                         self.modules, augmentations)
