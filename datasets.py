@@ -17,7 +17,7 @@ import torchvision.transforms as T
 from PIL import Image
 from scipy import io
 
-from utils import UserError
+from utils import UserError, derived_seed
 
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -486,7 +486,7 @@ def start_worker(worker_id, rank=0, world=1):
     draws its images, such as cmnist, must not give every rank the same)."""
     leave_stop_signals_to_parent()
     if world > 1:
-        seed = (torch.initial_seed() + 1000003 * rank) % 2**32
+        seed = derived_seed(torch.initial_seed(), rank) % 2**32  # numpy's seeds are 32-bit
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)

@@ -26,11 +26,12 @@ from tqdm import tqdm
 
 import datasets
 import models
+import scores
 import utils
 from utils import UserError
 
 STATE_FLAGS = {"netEncM": "statePathM", "netGenX": "statePathX", "netRecZ": "statePathZ", "netDX": "statePathD"}
-NETWORK_OPTIONS = ("sizex", "nx", "nz", "nMasks")  # what nets from different files must agree on
+SHARED_SHAPES = ("sizex", "nx", "nz", "nMasks")  # what nets loaded from different files must agree on
 
 
 def make_parser():
@@ -76,17 +77,17 @@ def load_given_nets(args, device):
     if not sources:
         raise UserError("no weights given: use --statePath (all nets) or --statePathM / --statePathX / ...")
     for path, state, names in sources:
-        check_same_configuration(options, state["options"], path)
+        check_same_shapes(options, state["options"], path)
         options = state["options"]
         for name, net in utils.load_nets(state, names, device, path).items():
             setattr(nets, name, net)
     return nets, options
 
 
-def check_same_configuration(opt, other, path):
+def check_same_shapes(opt, other, path):
     if opt is None:
         return
-    differences = utils.option_differences(other, opt, NETWORK_OPTIONS)
+    differences = utils.option_differences(other, opt, SHARED_SHAPES)
     if differences:
         raise UserError("%s: built for another configuration than the other weights: %s"
                         % (path, ", ".join(differences)))
@@ -229,7 +230,7 @@ def run(args):
         raise UserError("--score needs --dataroot (a dataset with ground-truth masks)")
     if args.score:
         in_order = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False)
-        acc, iou, _, _ = utils.evaluate(nets.netEncM, in_order, device, desc="scoring")
+        acc, iou, _, _ = scores.evaluate(nets.netEncM, in_order, device, desc="scoring")
         print("%s split of %s (%d images): accuracy %.4f IoU %.4f%s"
               % (split, dataset_name, len(dataset), acc, iou,
                  " (no ground-truth masks%s)" % (": give --maskroot" if dataset_name == "folder" else "")

@@ -1,12 +1,16 @@
 """Train ReDO: a mask extractor learns to segment because redrawn regions must fool a discriminator.
 
     python train.py --dataset flowers --nfX 32 --useSelfAttG --useSelfAttD --outf OUT --dataroot DATA --clean
+
+The loop is train(), near the end: each iteration, TrainingRun.train_one_iteration() runs
+training_iteration() (a generator step, then a discriminator step); at each checkpoint, rank 0's
+TrainingRun.end_of_period() judges the nets and decides, and every rank follow()s. Before it:
+the steps, the options, the sample grid, checkpoint files, the run's Progress; after it, torchrun.
 """
 import argparse
 import contextlib
 import ctypes
 import glob
-import json
 import os
 import random
 import shutil
@@ -14,17 +18,18 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 import torchvision.utils as vutils
-from tqdm import tqdm
 
 import augment
 import datasets
 import models
+import monitor
+import scores
 import utils
 from utils import UserError
 
@@ -98,7 +103,7 @@ class StepModules:
     realAndFake: torch.nn.Module
 
     @classmethod
-    def of(cls, nets, wrap=lambda module: module):
+    def for_nets(cls, nets, wrap=lambda module: module):
         return cls(netEncM=wrap(nets.netEncM), netGenX=wrap(nets.netGenX), netDX=nets.netDX,
                    netRecZ=wrap(nets.netRecZ) if nets.netRecZ is not None else None,
                    realAndFake=wrap(RealAndFake(nets.netDX)))
@@ -168,7 +173,7 @@ def training_iteration(nets, optimizers, xData, xReal, zData, opt, iteration, mo
     step every dStepFreq iterations. Returns the losses of the steps taken. `modules`: what
     the steps call, when not the nets themselves (torchrun); `augmentations`: the transforms
     of what netDX sees in each step (--diffAugment)."""
-    modules = modules or StepModules.of(nets)
+    modules = modules or StepModules.for_nets(nets)
     nets.zero_grad()
     nets.train()
     losses = {}
@@ -181,8 +186,8 @@ def training_iteration(nets, optimizers, xData, xReal, zData, opt, iteration, mo
 
 # ----------------------------------------------------------------------------- options
 
+RESTARTS_UNTIL = 7000  # the original restarts after a collapse up to this iteration, not later
 EARLY_RESTARTS = 5  # at most, in a run: each costs a checkpoint period
-ROLLBACK_SEED_STRIDE = 1000003  # rollback k reseeds with --manualSeed + k * this prime: seeds no run shares
 
 
 def make_parser():
@@ -210,8 +215,7 @@ def make_parser():
     p.add_argument('--nTest', type=int, default=5, help='number of test images shown in the sample grids')
     p.add_argument('--nTrainScore', type=int, default=0,
                    help='score only the first N training images at each checkpoint (train.dat, the collapse '
-                        'test), not the whole split as the original (0): scoring is a third of a short '
-                        "period's time")
+                        'test), not the whole split as the original (0)')
     p.add_argument('--nIteration', type=int, default=50000, help='number of iterations')
     p.add_argument('--initOrthoGain', type=float, default=.8, help='gain for the orthogonal initialization')
     p.add_argument('--lrG', type=float, default=1e-4, help='learning rate of the region generators (netX)')
@@ -306,7 +310,7 @@ def resolve_options(opt, explicit=()):
         raise UserError("--overwrite starts a new run in --outf: it cannot go with --resume")
     if opt.resume is True or (opt.resume == "auto" and checkpoint_files(opt.outf)):
         path, state = latest_checkpoint(opt.outf, "cpu")
-        saved = complete_options(state["options"])
+        saved = complete_options(argparse.Namespace(**vars(state["options"])))  # a copy: the state keeps its own
         given = sorted(explicit - set(RESUME_OVERRIDES) - {"resume", "iteration", "overwrite"})
         if opt.resume == "auto":
             check_same_command(saved, opt, given, path)
@@ -319,17 +323,10 @@ def resolve_options(opt, explicit=()):
             if name in explicit or name in ("silent", "outf"):
                 setattr(saved, name, getattr(opt, name))
         saved.resume, saved.overwrite = True, False
+        for field in fields(Progress):  # the run's, not options: TrainingRun reads them
+            if field.name != "iteration" and field.name in saved:
+                delattr(saved, field.name)
         opt, start = saved, (path, state)
-    if "bestValIoU" not in opt:
-        opt.bestValIoU = 0
-    for name in ("rollbacks",  # how many --rollback the run has used,
-                 "rollbacksInARow",  # how many since the run last got past the iteration it collapsed at
-                 "collapsedAt",
-                 "earlyRestarts"):  # how many --earlyRestart the run has used
-        if name not in opt:
-            setattr(opt, name, 0)
-    if "bestLabelFree" not in opt:  # the best label-free score, that of best_unsupervised.pth
-        opt.bestLabelFree = -1.0
     for name in ("nfD", "nfX", "nfM", "nfZ"):
         if getattr(opt, name) is None:
             setattr(opt, name, opt.nf)
@@ -345,6 +342,12 @@ def resolve_options(opt, explicit=()):
             raise UserError("--iteration %d: %s does not exist" % (opt.iteration, path))
         start = (path, utils.load_checkpoint(path, "cpu"))
     return opt, start
+
+
+def options_for(*flags):
+    """The options of a run started with these command-line flags (any values, made strings),
+    resolved as main() resolves them: for the tests and tools that build a run in-process."""
+    return resolve_options(make_parser().parse_args([str(f) for f in flags]))[0]
 
 
 def check_same_command(saved, opt, given, path):
@@ -477,17 +480,7 @@ DAT_FILES = ("train.dat", "val.dat")
 NETWORK_OPTIONS = ("nx", "nz", "nMasks", "nResM", "nfD", "nfX", "nfM", "nfZ", "useSelfAttD", "useSelfAttG")
 
 
-LABEL_FREE_IMAGES = 64  # the first validation images, scored without labels at each checkpoint
-BEST_LABEL_FREE = "best_unsupervised.pth"
-
-
-def label_free_inputs(valset, opt):
-    """The images the label-free score is computed on, and the fixed noise that redraws them
-    (from a generator of its own: the run's random streams are not touched)."""
-    n = min(LABEL_FREE_IMAGES, len(valset))
-    images = torch.stack([valset[i][0] for i in range(n)])
-    noise = torch.randn((n, opt.nMasks, opt.nz, 1, 1), generator=torch.Generator().manual_seed(0))
-    return images, noise
+BEST_LABEL_FREE = "best_unsupervised.pth"  # the checkpoint the label-free score chooses
 
 
 def state_path(opt, iteration):
@@ -522,6 +515,31 @@ def latest_checkpoint(outf, device):
     raise UserError("--resume: no checkpoint to resume in --outf %s (no complete state_*.pth)" % outf)
 
 
+# ----------------------------------------------------------------------------- the run's progress
+
+@dataclass
+class Progress:
+    """Where a run stands, apart from the options it was given: saved in every checkpoint and,
+    at a checkpoint, decided by rank 0 and shared with every rank as one value."""
+    iteration: int = 0
+    bestValIoU: float = 0.0  # that of best.pth
+    bestLabelFree: float = -1.0  # that of best_unsupervised.pth
+    rollbacks: int = 0  # how many --rollback the run has used
+    rollbacksInARow: int = 0  # how many since the run last got past the iteration it collapsed at
+    collapsedAt: int = 0
+    earlyRestarts: int = 0  # how many --earlyRestart the run has used
+
+    @classmethod
+    def of_checkpoint(cls, state):
+        """The progress a checkpoint was saved at. The original's keep the iteration and the best
+        validation IoU in their options (as ours do too), the rest is ours."""
+        saved = (state.get("resume") or {}).get("progress")
+        if saved is None:
+            options = state["options"]
+            saved = {f.name: getattr(options, f.name) for f in fields(cls) if f.name in options}
+        return cls(**saved)
+
+
 # ----------------------------------------------------------------------------- the training run
 
 COMPILE_BACKEND = "inductor"  # torch.compile's default, which generates code
@@ -544,11 +562,9 @@ def tune_for_device(device):
 
 def keep_freed_memory():
     """Let glibc's malloc keep freed memory in the process instead of returning it to the
-    system. Each iteration frees and allocates again the same large activations (167 MB a
-    tensor at the paper's size); served by fresh mmap'd pages, every one of them costs a
-    page fault and the kernel zeroing it, which made the paper configuration 1.25x slower
-    on the CPU. The resident memory levels off a little above the peak (13% above it at
-    the paper's size, measured over iterations). No effect outside glibc."""
+    system. Each iteration frees and allocates again the same large activations; served by
+    fresh mmap'd pages, every one of them costs a page fault and the kernel zeroing it
+    (README, Speed, says what this saves and costs). No effect outside glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
@@ -558,10 +574,18 @@ def keep_freed_memory():
     libc.mallopt(M_TRIM_THRESHOLD, -1)  # never hand the heap's free top back to the system
 
 
+def timed(function, *args):
+    """function(*args) and the seconds it took."""
+    start = time.perf_counter()
+    result = function(*args)
+    return result, time.perf_counter() - start
+
+
 class TrainingRun:
-    """What a run holds between iterations. Set up as the original sets up, drawing random
-    numbers in its order; or from a checkpoint `start` (path, state), continuing exactly
-    where it was saved."""
+    """What a run holds between iterations: data, nets, optimizers, its progress and its
+    monitor. Set up as the original sets up, drawing random numbers in its order (start_fresh);
+    or from a checkpoint `start` (path, state), continuing exactly where it was saved
+    (continue_from)."""
 
     def __init__(self, opt, start=None, dist=None):
         self.opt = opt
@@ -581,58 +605,52 @@ class TrainingRun:
         self.nets = self.build_nets()
         self.optimizers = make_optimizers(self.nets, opt)
         self.modules = self.dist.step_modules(self.nets)
-        resume = None
-        if start is not None:
-            self.load_nets_and_optimizers(*start)
-            resume = start[1].get("resume")
-        elif self.dist.is_main:
-            for name in ("train.dat", "test.dat", "val.dat"):
-                if os.path.exists(os.path.join(opt.outf, name)):
-                    os.remove(os.path.join(opt.outf, name))
+        if start is None:
+            self.start_fresh(splits)
+        else:
+            self.continue_from(*start, splits)
+
+    def start_fresh(self, splits):
+        """A new run: the sample grid and the batch streams drawn as the original draws them;
+        a replaced run's logs go."""
+        if self.dist.is_main:
+            for name in DAT_FILES:
+                if os.path.exists(os.path.join(self.opt.outf, name)):
+                    os.remove(os.path.join(self.opt.outf, name))
+        self.progress = Progress()
+        self.grid = SampleGrid.draw(splits["test"], self.opt, self.device)
+        self.prepare_scoring(splits["val"])
+        self.genData, self.disData = self.batch_stream(), self.batch_stream()
+        self.monitor = monitor.Monitor.fresh(self.opt, self.device, self.log, self.dist.is_main)
+
+    def continue_from(self, path, state, splits):
+        """From a checkpoint: ours (with "resume") continue exactly, data streams, random states
+        and logs included; the original's give their weights to a run that otherwise starts anew.
+        --resume continues the checkpoint's progress, --iteration N only its iteration."""
+        self.load_nets_and_optimizers(path, state)
+        resume = state.get("resume")
+        self.progress = Progress.of_checkpoint(state) if self.opt.resume else Progress(iteration=self.opt.iteration)
         if resume is None:
-            self.grid = SampleGrid.draw(splits["test"], opt, self.device)
+            self.grid = SampleGrid.draw(splits["test"], self.opt, self.device)
         else:
             self.grid = SampleGrid(**{k: v.to(self.device) for k, v in resume["sampleGrid"].items()})
-        self.valloader = datasets.make_loader(splits["val"], opt.batchSize, opt.workers, self.pin_memory)
-        self.label_free_images, self.label_free_noise = label_free_inputs(splits["val"], opt)
+        self.prepare_scoring(splits["val"])
         self.genData = self.batch_stream(resume and resume["genData"])
         self.disData = self.batch_stream(resume and resume["disData"])
-        self.stats = []  # the records of stats.jsonl
-        if resume is not None:
-            if self.dist.is_main:
-                for name in DAT_FILES:
-                    utils.truncate_lines(os.path.join(opt.outf, name), resume["datLines"][name])
-                self.stats = self.continue_stats(resume)
-            utils.restore_rng_states(resume["rng"])
-        elif start is None and self.dist.is_main:
-            for name in (utils.STATS_FILE, "curves.png"):
-                if os.path.exists(os.path.join(opt.outf, name)):
-                    os.remove(os.path.join(opt.outf, name))
-        self.tensorboard = None
-        if opt.tensorboard and self.dist.is_main:
-            self.tensorboard = utils.tensorboard_writer(opt.outf, purge_step=self.stats[-1]["step"] + 1
-                                                        if self.stats else None)
-        self.events = ["resume"] if start is not None else []
-        self.start_period()
-        if resume is not None and "period" in resume:  # stopped between two checkpoints
-            self.period_losses.load_state_dict(resume["period"]["losses"])
-            self.period_iterations = resume["period"]["iterations"]
-            self.period_start -= resume["period"]["seconds"]
+        if resume is None:
+            self.monitor = monitor.Monitor(self.opt, self.device, self.log, self.dist.is_main)
+            self.monitor.events.append("resume")
+            return
+        if self.dist.is_main:
+            for name in DAT_FILES:
+                utils.truncate_lines(os.path.join(self.opt.outf, name), resume["datLines"][name])
+        utils.restore_rng_states(resume["rng"])
+        self.monitor = monitor.Monitor.resumed(self.opt, self.device, self.log, self.dist.is_main, resume)
 
-    def continue_stats(self, resume):
-        """stats.jsonl as it was at the checkpoint resumed from (one written before this log
-        existed starts it anew)."""
-        path = os.path.join(self.opt.outf, utils.STATS_FILE)
-        if resume.get("stats") is None:
-            if os.path.exists(path):
-                os.remove(path)
-            return []
-        return utils.continue_stats(path, resume["datLines"][utils.STATS_FILE], resume["stats"])
-
-    def start_period(self):
-        self.period_losses = utils.PeriodLosses()
-        self.period_iterations = 0
-        self.period_start = time.perf_counter()
+    def prepare_scoring(self, valset):
+        """The validation loader, and the images and noise of the label-free score."""
+        self.valloader = datasets.make_loader(valset, self.opt.batchSize, self.opt.workers, self.pin_memory)
+        self.label_free_images, self.label_free_noise = scores.label_free_inputs(valset, self.opt.nMasks, self.opt.nz)
 
     def batch_stream(self, state=None):
         """Endless training batches (this rank's share of each), from `state` or a new epoch."""
@@ -670,7 +688,7 @@ class TrainingRun:
             utils.warn("%s: its optimizers keep their saved settings, as in the original; ignoring %s"
                        % (path, ", ".join(overridden)))
 
-    # -------------------------------------------------------------- an iteration
+    # -------------------------------------------------------------- an iteration (every rank)
 
     def train_one_iteration(self):
         opt = self.opt
@@ -687,12 +705,11 @@ class TrainingRun:
             augmentations = tuple(augment.DiffAugment.draw(opt.diffAugment, batch, opt.sizex).map(self.share)
                                   for _ in ("generator step", "discriminator step"))
         with self.autocast():
-            losses = training_iteration(self.nets, self.optimizers, xData, xReal, zData, opt, opt.iteration,
-                                        self.modules, augmentations)
-        check_finite(losses, opt.iteration)
-        self.period_losses.add(losses)
-        self.period_iterations += 1
-        opt.iteration += 1
+            losses = training_iteration(self.nets, self.optimizers, xData, xReal, zData, opt,
+                                        self.progress.iteration, self.modules, augmentations)
+        check_finite(losses, self.progress.iteration)
+        self.progress.iteration += 1
+        self.monitor.add(losses, self.progress.iteration)
 
     def share(self, whole):
         """This rank's share of something drawn for the whole batch of every rank."""
@@ -701,21 +718,44 @@ class TrainingRun:
 
     # -------------------------------------------------------------- the end of a period (rank 0)
 
+    def end_of_period(self):
+        """At a checkpoint, rank 0 judges the nets (scores with and without labels, the sample
+        grid), decides what the run does next, records the period, and saves the checkpoint
+        when the run goes on. Returns the decision every rank follows (follow())."""
+        self.monitor.close_bar()
+        training_seconds = self.monitor.period_seconds()
+        start = time.perf_counter()
+        split_scores = self.score()
+        self.append_scores(split_scores)
+        label_free, label_free_seconds = timed(self.label_free_score)
+        grid = self.draw_sample_grid()
+        action = self.recovery_action(split_scores, label_free)
+        self.monitor.record(self.progress.iteration, split_scores, label_free, action, grid,
+                            {"training": training_seconds, "scoring": time.perf_counter() - start,
+                             "label_free": label_free_seconds})
+        if action is None:
+            self.save_checkpoint(split_scores["val"].iou, label_free.score)
+        elif action == "early_restart":
+            self.drop_last_scores()
+        return {"action": action, "rng": utils.rng_states(), "progress": asdict(self.progress)}
+
     def score(self):
         """Accuracy, IoU and smallest region size of the mask extractor on the train split (its
-        first --nTrainScore images) and the validation split, appended to train.dat and val.dat."""
-        self.score_start = time.perf_counter()
+        first --nTrainScore images) and the validation split."""
         desc = None if self.opt.silent else "scoring %s"
-        scores = {split: utils.evaluate(self.nets.netEncM, loader, self.device, desc and desc % split)
-                  for split, loader in (("train", self.train_score_loader), ("val", self.valloader))}
-        for split, (acc, iou, _, _) in scores.items():
+        return {split: scores.evaluate(self.nets.netEncM, loader, self.device, desc and desc % split)
+                for split, loader in (("train", self.train_score_loader), ("val", self.valloader))}
+
+    def append_scores(self, split_scores):
+        """A line in train.dat and val.dat, and on stdout, as the original."""
+        for split, (acc, iou, _, _) in split_scores.items():
             self.log(split + ":", acc, iou)
-            utils.append_line(os.path.join(self.opt.outf, split + ".dat"), "%d %s %s" % (self.opt.iteration, acc, iou))
-        return scores
+            utils.append_line(os.path.join(self.opt.outf, split + ".dat"),
+                              "%d %s %s" % (self.progress.iteration, acc, iou))
 
     def drop_last_scores(self):
-        """Take back the lines score() just appended: --earlyRestart keeps nothing of the start
-        it abandons (its record in stats.jsonl stays, with the event)."""
+        """Take back the lines append_scores() just wrote: --earlyRestart keeps nothing of the
+        start it abandons (its record in stats.jsonl stays, with the event)."""
         for name in DAT_FILES:
             path = os.path.join(self.opt.outf, name)
             utils.truncate_lines(path, utils.count_lines(path) - 1)
@@ -723,98 +763,63 @@ class TrainingRun:
     def label_free_score(self):
         """The label-free scores of the masks on the first validation images (no ground truth
         read, no random number drawn)."""
-        start = time.perf_counter()
-        scores = utils.label_free_scores(self.nets, self.label_free_images, self.label_free_noise,
-                                         max(self.opt.batchSize, 32))
-        self.label_free_seconds = time.perf_counter() - start
-        return scores
+        return scores.label_free_scores(self.nets, self.label_free_images, self.label_free_noise)
 
     def draw_sample_grid(self):
         """out_%05d.png; returns the picture (3, H, W) in [0, 1]."""
         with utils.eval_mode(*(net for _, net in self.nets.items())):
-            return self.grid.save(self.nets, os.path.join(self.opt.outf, "out_%05d.png" % self.opt.iteration))
+            return self.grid.save(self.nets, os.path.join(self.opt.outf, "out_%05d.png" % self.progress.iteration))
 
-    def collapse_action(self, scores, label_free):
-        """After the --autoRestart test: None (no collapse, or one past iteration 7000, as the
-        original), "rollback" (--rollback, while some are left and a checkpoint exists) or
-        "restart" (the original's, up to iteration 7000); without a collapse, "early_restart"
-        for a start_gone_wrong. Told on stdout."""
-        opt = self.opt
-        if not utils.has_collapsed([scores["train"].min_region_size, scores["val"].min_region_size],
-                                   opt.autoRestart):
-            return "early_restart" if self.start_gone_wrong(label_free.refound) else None
+    def recovery_action(self, split_scores, label_free):
+        """What the run does about a checkpoint gone wrong, told on stdout: after a collapse (the
+        --autoRestart test), "rollback" (--rollback, while some are left and a checkpoint
+        exists) or "restart" (the original's, up to RESTARTS_UNTIL; later None, as the
+        original); without a collapse, "early_restart" for a start gone wrong
+        (early_restart_due), else None."""
+        opt, progress = self.opt, self.progress
+        if not scores.has_collapsed([split_scores["train"].min_region_size, split_scores["val"].min_region_size],
+                                    opt.autoRestart):
+            return "early_restart" if self.early_restart_due(label_free.refound) else None
         print("Training appear to have collapsed.")
-        if opt.rollbacks < opt.rollback and checkpoint_files(opt.outf):
+        if progress.rollbacks < opt.rollback and checkpoint_files(opt.outf):
             print("Rolling back to %s (rollback %d of %d), with fresh noise and data order."
-                  % (self.rollback_target(), opt.rollbacks + 1, opt.rollback))
+                  % (self.rollback_target(), progress.rollbacks + 1, opt.rollback))
             return "rollback"
-        if opt.iteration > 7000:
+        if progress.iteration > RESTARTS_UNTIL:
             return None
         print("Reinitializing training.")
         return "restart"
 
-    def start_gone_wrong(self, refound):
+    def early_restart_due(self, refound):
         """--earlyRestart: whether the first checkpoint of a start (from scratch) has a found-again
-        score (refound, utils.label_free_scores) under x, while restarts are left. Such a start
+        score (refound, scores.label_free_scores) under x, while restarts are left. Such a start
         has settled on a region netEncM does not find again in its composites, and stays there
-        until the collapse test fires (600 to 1100 iterations later in the quickstart: README)."""
-        opt = self.opt
-        if not (opt.iteration == opt.checkpointFreq and refound < opt.earlyRestart
-                and opt.earlyRestarts < EARLY_RESTARTS):
+        until the collapse test fires (README, Choosing a checkpoint without labels)."""
+        opt, progress = self.opt, self.progress
+        if not (progress.iteration == opt.checkpointFreq and refound < opt.earlyRestart
+                and progress.earlyRestarts < EARLY_RESTARTS):
             return False
         print("Found-again score %.3f under --earlyRestart %s at the first checkpoint: restarting from scratch "
-              "(%d of %d)." % (refound, opt.earlyRestart, opt.earlyRestarts + 1, EARLY_RESTARTS))
+              "(%d of %d)." % (refound, opt.earlyRestart, progress.earlyRestarts + 1, EARLY_RESTARTS))
         return True
-
-    def record_statistics(self, scores, label_free, action, grid):
-        """A record of the period in stats.jsonl, curves.png redrawn, TensorBoard (--tensorboard),
-        and a one-line summary on stdout."""
-        opt, now = self.opt, time.perf_counter()
-        previous = self.stats[-1] if self.stats else {"step": 0, "seconds": 0.0}
-        train_seconds = self.score_start - self.period_start
-        record = {
-            "iteration": opt.iteration, "step": previous["step"] + self.period_iterations,
-            "seconds": round(previous["seconds"] + now - self.period_start, 3),
-            "period_seconds": round(train_seconds, 3), "score_seconds": round(now - self.score_start, 3),
-            "iterations_per_second": round(self.period_iterations / train_seconds, 4),
-            "images_per_second": round(self.period_iterations * opt.batchSize / train_seconds, 3),
-            "losses": self.period_losses.summary(),
-            "region_sizes": {split: [round(size, 5) for size in s.region_sizes] for split, s in scores.items()},
-            **{"%s_%s" % (split, key): utils.json_number(getattr(s, key))
-               for split, s in scores.items() for key in ("acc", "iou")},
-            "label_free": label_free._asdict(),
-            "label_free_seconds": round(self.label_free_seconds, 3),
-            "events": self.events + ([action] if action else []),
-            "peak_memory_mb": utils.json_number(peak_memory_mb(self.device))}
-        utils.append_line(os.path.join(opt.outf, utils.STATS_FILE), json.dumps(record))
-        self.stats.append(record)
-        self.events = []
-        self.start_period()
-        utils.plot_curves(self.stats, os.path.join(opt.outf, "curves.png"), opt.autoRestart)
-        if self.tensorboard is not None:
-            for name, value in utils.flat_scalars(record).items():
-                self.tensorboard.add_scalar(name, value, record["step"])
-            self.tensorboard.add_image("sample_grid", grid, record["step"])
-            self.tensorboard.flush()
-        self.log(summary_line(record))
 
     def save_checkpoint(self, val_iou=None, label_free=None):
         """state_%05d.pth and options.pth; best.pth when the validation IoU is the best so
         far, best_unsupervised.pth when the label-free score is (neither for a checkpoint
         between two periods, when the run is stopped); with --clean, stale_checkpoints()
         go once the new one is complete."""
-        opt = self.opt
-        is_best = val_iou is not None and opt.bestValIoU < val_iou
+        opt, progress = self.opt, self.progress
+        is_best = val_iou is not None and progress.bestValIoU < val_iou
         if is_best:
-            opt.bestValIoU = val_iou
-        is_best_label_free = label_free is not None and opt.bestLabelFree < label_free
-        if opt.iteration >= opt.collapsedAt:  # a healthy checkpoint where it collapsed, or past it
-            opt.rollbacksInARow = 0
+            progress.bestValIoU = val_iou
+        is_best_label_free = label_free is not None and progress.bestLabelFree < label_free
         if is_best_label_free:
-            opt.bestLabelFree = label_free
+            progress.bestLabelFree = label_free
+        if progress.iteration >= progress.collapsedAt:  # a healthy checkpoint where it collapsed, or past it
+            progress.rollbacksInARow = 0
         state = self.state_dict()
-        utils.atomic_save(state, state_path(opt, opt.iteration))
-        utils.atomic_save(opt, os.path.join(opt.outf, "options.pth"))
+        utils.atomic_save(state, state_path(opt, progress.iteration))
+        utils.atomic_save(state["options"], os.path.join(opt.outf, "options.pth"))
         if is_best:
             utils.atomic_save(state, os.path.join(opt.outf, "best.pth"))
         if is_best_label_free:
@@ -827,29 +832,47 @@ class TrainingRun:
         """What --clean removes once a checkpoint is written: as the original, the state
         files of the period before it; with --rollback N, all but the N newest before it,
         which a rollback may go back to."""
-        opt = self.opt
+        opt, iteration = self.opt, self.progress.iteration
         if opt.rollback:
-            return newest_first(set(checkpoint_files(opt.outf)) - {state_path(opt, opt.iteration)})[opt.rollback:]
-        return [state_path(opt, iteration) for iteration in range(max(opt.iteration - opt.checkpointFreq, 1),
-                                                                  opt.iteration)
-                if os.path.exists(state_path(opt, iteration))]
+            return newest_first(set(checkpoint_files(opt.outf)) - {state_path(opt, iteration)})[opt.rollback:]
+        return [state_path(opt, i) for i in range(max(iteration - opt.checkpointFreq, 1), iteration)
+                if os.path.exists(state_path(opt, i))]
+
+    def saved_options(self):
+        """The options as the original saves them: with the iteration and the best validation IoU."""
+        return argparse.Namespace(**dict(vars(self.opt), iteration=self.progress.iteration,
+                                         bestValIoU=self.progress.bestValIoU))
 
     def state_dict(self):
         """The original's keys, and under 'resume' what continuing exactly needs."""
         state = {name: net.state_dict() for name, net in self.nets.items()}
         state.update({name: optimizer.state_dict() for name, optimizer in self.optimizers.items()})
-        state["options"] = self.opt
+        state["options"] = self.saved_options()
         state["resume"] = {
+            "progress": asdict(self.progress),
             "genData": self.genData.state_dict(), "disData": self.disData.state_dict(),
             "sampleGrid": self.grid.state_dict(), "rng": utils.rng_states(),
             "datLines": {name: utils.count_lines(os.path.join(self.opt.outf, name))
-                         for name in DAT_FILES + (utils.STATS_FILE,)},
-            "stats": self.stats[-1] if self.stats else None,
-            "period": {"iterations": self.period_iterations, "losses": self.period_losses.state_dict(),
-                       "seconds": time.perf_counter() - self.period_start}}
+                         for name in DAT_FILES + (monitor.STATS_FILE,)},
+            **self.monitor.state_dict()}
         return state
 
     # -------------------------------------------------------------- every rank
+
+    def follow(self, decision):
+        """Every rank takes rank 0's decision at a checkpoint: its progress, its random states
+        (its evaluation loaders drew from them) and its action."""
+        if not self.dist.is_main:
+            self.monitor.start_period()
+        utils.restore_rng_states(decision["rng"])
+        self.progress = Progress(**decision["progress"])
+        if decision["action"] == "restart":
+            self.restart()
+        elif decision["action"] == "early_restart":
+            self.progress.earlyRestarts += 1
+            self.restart()
+        elif decision["action"] == "rollback":
+            self.rollback()
 
     def restart(self):
         """Fresh nets and optimizers after a collapse, drawing random numbers as the
@@ -858,41 +881,41 @@ class TrainingRun:
         self.nets = self.build_nets(netRecZ=self.nets.netRecZ)
         self.optimizers = make_optimizers(self.nets, self.opt)
         self.modules = self.dist.step_modules(self.nets)
-        self.opt.iteration = 0
+        self.progress.iteration = 0
 
     def rollback_target(self):
         """The checkpoint a rollback goes back to: the newest, or for each rollback in a row
         (before the run gets past the iteration it collapsed at) one further back, as far as
         the checkpoints go: a collapse is often under way by the last checkpoint before it."""
         files = newest_first(checkpoint_files(self.opt.outf))
-        return files[min(self.opt.rollbacksInARow, len(files) - 1)]
+        return files[min(self.progress.rollbacksInARow, len(files) - 1)]
 
     def rollback(self):
         """Back to rollback_target() after a collapse, with fresh noise and a fresh data order
         (seeded from --manualSeed and the rollback's number, alike on every rank), so that
         the same collapse is not replayed."""
-        opt = self.opt
+        progress = self.progress
         path = self.rollback_target()
         state = utils.load_checkpoint(path, "cpu")
-        opt.collapsedAt = max(opt.collapsedAt, opt.iteration)
-        opt.rollbacks += 1
-        opt.rollbacksInARow += 1
+        progress.collapsedAt = max(progress.collapsedAt, progress.iteration)
+        progress.rollbacks += 1
+        progress.rollbacksInARow += 1
         self.load_nets_and_optimizers(path, state)
-        opt.iteration = state["options"].iteration
-        utils.seed_everything(opt.manualSeed + ROLLBACK_SEED_STRIDE * opt.rollbacks)
+        progress.iteration = state["options"].iteration
+        utils.seed_everything(utils.derived_seed(self.opt.manualSeed, progress.rollbacks))
         self.genData, self.disData = self.batch_stream(), self.batch_stream()
 
     def stop(self, signum):
         """Asked to stop (SIGINT, SIGTERM): a checkpoint of this very iteration, unless the
         period's checkpoint was just written, and one line on how to continue."""
-        opt = self.opt
+        opt, iteration = self.opt, self.progress.iteration
         if self.dist.is_main:
-            if opt.iteration % opt.checkpointFreq:
+            if iteration % opt.checkpointFreq:
                 self.save_checkpoint()
             by = signal.Signals(signum).name if signum else "another process"
-            if os.path.exists(state_path(opt, opt.iteration)):
+            if os.path.exists(state_path(opt, iteration)):
                 print("stopped by %s at iteration %d: %s holds it; continue with: python train.py --resume --outf %s"
-                      % (by, opt.iteration, state_path(opt, opt.iteration), opt.outf), file=sys.stderr)
+                      % (by, iteration, state_path(opt, iteration), opt.outf), file=sys.stderr)
             else:
                 print("stopped by %s before training began" % by, file=sys.stderr)
             self.log(self.summary())
@@ -900,22 +923,21 @@ class TrainingRun:
 
     def summary(self):
         """One line for the end of the run: the best checkpoint, the last one, what to run next."""
-        opt = self.opt
+        opt, progress = self.opt, self.progress
         last = next(iter(newest_first(checkpoint_files(opt.outf))), "none")
         val = utils.read_dat(os.path.join(opt.outf, "val.dat"))
-        best = [iteration for iteration, _, iou in val if iou == opt.bestValIoU]
-        scored = [r for r in self.stats if "label_free" in r]  # (a log continued from an older version)
-        label_free = [r["iteration"] for r in scored if r["label_free"]["score"] == opt.bestLabelFree]
+        best = [iteration for iteration, _, iou in val if iou == progress.bestValIoU]
+        label_free = [r["iteration"] for r in self.monitor.records if r["label_free"]["score"] == progress.bestLabelFree]
         unsupervised = os.path.join(opt.outf, BEST_LABEL_FREE)
         chosen = os.path.join(opt.outf, "best.pth") if best else unsupervised if label_free else last
         if best:
-            verdict = "best validation IoU %.4f at iteration %d (%s)" % (opt.bestValIoU, best[0], chosen)
+            verdict = "best validation IoU %.4f at iteration %d (%s)" % (progress.bestValIoU, best[0], chosen)
         elif val:
             verdict = "no validation IoU (no ground-truth masks), so no best.pth"
         else:
             verdict = "no checkpoint scored yet"
         if label_free:
-            verdict += "; best label-free score %.3f at iteration %d (%s)" % (opt.bestLabelFree, label_free[-1],
+            verdict += "; best label-free score %.3f at iteration %d (%s)" % (progress.bestLabelFree, label_free[-1],
                                                                              unsupervised)
         return ("done: %s; last checkpoint %s; segment with: python example_load_pretrained.py --statePath %s%s"
                 % (verdict, last, chosen, "" if not datasets.needs_dataroot(opt.dataset) else
@@ -949,29 +971,6 @@ class StopRequest:
             signal.signal(s, handler)
 
 
-def summary_line(record):
-    """The one line printed at each checkpoint: losses, region sizes, validation IoU, label-free
-    score, speed."""
-    losses = " ".join("%s %.3f" % (name, value["mean"]) for name, value in record["losses"].items())
-    sizes = ", ".join("%s %s" % (split, " ".join("%.2f" % s for s in sizes))
-                      for split, sizes in record["region_sizes"].items())
-    iou = "" if record["val_iou"] is None else " | val IoU %.4f" % record["val_iou"]
-    return "iteration %d: %s | region sizes %s%s | label-free %.3f | %.2f it/s%s" % (
-        record["iteration"], losses, sizes, iou, record["label_free"]["score"], record["iterations_per_second"],
-        "".join(" | " + event for event in record["events"]))
-
-
-def peak_memory_mb(device):
-    """The most memory the run has held: on the GPU, by its tensors; on the CPU, the process's peak RSS."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        import resource
-    except ImportError:  # not on Windows
-        return None
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
-
-
 def check_split_sizes(splits, opt):
     """Every split holds what is drawn from it (whole batches; the sample grid's test
     images), checked before any training."""
@@ -1002,13 +1001,11 @@ def check_output_folder(outf):
         raise UserError("--outf %s: cannot write there (%s)" % (outf, e.strerror or e)) from None
 
 
-SHARED_PROGRESS = ("bestValIoU", "bestLabelFree", "rollbacksInARow")  # options rank 0 updates at a checkpoint
-
-
 def train(opt, start=None, dist=None):
-    """The original's training loop: iterations until --nIteration; every --checkpointFreq,
-    rank 0 scores, draws the sample grid, and restarts after a collapse or saves a
-    checkpoint, and every rank follows its decision. Returns the TrainingRun at its end."""
+    """ReDO's training, as the original: iterations until --nIteration; at the end of every
+    period of --checkpointFreq iterations rank 0 judges the nets and decides (save and go on,
+    or recover from a collapse or a start gone wrong) and every rank follows. A signal stops
+    every rank at the same iteration, with a checkpoint. Returns the TrainingRun at its end."""
     dist = dist or Distributed()
     if dist.is_main:
         check_output_folder(opt.outf)
@@ -1016,52 +1013,16 @@ def train(opt, start=None, dist=None):
             remove_run_files(opt.outf)
     dist.barrier()
     run = TrainingRun(opt, start, dist)
-    del start  # its tensors are loaded; free them
-    progress = None
     stopped = False
     with StopRequest() as stop:
-        while opt.iteration <= opt.nIteration:
+        while run.progress.iteration <= opt.nIteration:
             stopped = dist.any(stop.signal is not None)
             if stopped:
                 break
-            progress = progress or tqdm(total=opt.checkpointFreq, disable=not dist.is_main or opt.silent)
             run.train_one_iteration()
-            progress.update(1)
-            if opt.iteration % 10 == 0 and not progress.disable:
-                progress.set_postfix({name: "%.3f" % v for name, v in run.period_losses.last_values().items()})
-            if opt.iteration % opt.checkpointFreq:
-                continue
-            progress = progress.close()
-            decision = None
-            if dist.is_main:
-                scores = run.score()
-                label_free = run.label_free_score()
-                grid = run.draw_sample_grid()
-                action = run.collapse_action(scores, label_free)
-                run.record_statistics(scores, label_free, action, grid)
-                if action is None:
-                    run.save_checkpoint(scores["val"].iou, label_free.score)
-                elif action == "early_restart":
-                    run.drop_last_scores()
-                decision = {"action": action, "rng": utils.rng_states(),
-                            "progress": {name: getattr(opt, name) for name in SHARED_PROGRESS}}
-            else:
-                run.start_period()
-            decision = dist.share(decision)
-            utils.restore_rng_states(decision["rng"])  # rank 0's evaluation loaders drew from it
-            for name, value in decision["progress"].items():
-                setattr(opt, name, value)
-            if decision["action"] == "restart":
-                run.restart()
-            elif decision["action"] == "early_restart":
-                opt.earlyRestarts += 1
-                run.restart()
-            elif decision["action"] == "rollback":
-                run.rollback()
-        if progress is not None:
-            progress.close()
-        if run.tensorboard is not None:
-            run.tensorboard.close()
+            if run.progress.iteration % opt.checkpointFreq == 0:
+                run.follow(dist.share(run.end_of_period() if dist.is_main else None))
+        run.monitor.close()
         if stopped:
             run.stop(stop.signal)
         else:
@@ -1110,10 +1071,10 @@ class Distributed:
         Spectral-norm vectors depend only on the weights, which DDP keeps equal, so every
         rank updates them alike: no buffer broadcast."""
         if self.world == 1:
-            return StepModules.of(nets)
+            return StepModules.for_nets(nets)
         device = next(nets.netEncM.parameters()).device
         ids = [device.index] if device.type == "cuda" else None
-        return StepModules.of(nets, lambda module: torch.nn.parallel.DistributedDataParallel(
+        return StepModules.for_nets(nets, lambda module: torch.nn.parallel.DistributedDataParallel(
             module, device_ids=ids, broadcast_buffers=False))
 
     def share(self, obj):

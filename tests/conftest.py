@@ -15,6 +15,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tools"))  # for the tests of the tools
 
 import utils  # noqa: E402
 from utils import read_dat  # noqa: E402,F401  (the tests' name for it)
@@ -179,9 +180,20 @@ def assert_weights_retrace(state, reference, bounds, fraction, free_bias_steps, 
             assert (state["netGenX"][key] - tensor).abs().max() <= adam_drift_bound(free_bias_steps), key
 
 
-def grid_size(nTest, nMasks, sizex=128, padding=2):
+def grid_shape(rows, columns, sizex=128, padding=2):
+    """(width, height) of a grid of images as torchvision's make_grid lays them out."""
+    return (columns * (sizex + padding) + padding, rows * (sizex + padding) + padding)
+
+
+def grid_size(nTest, nMasks):
     """(width, height) of a training sample grid: nTest + 5 columns, nMasks * (nTest + 1) rows."""
-    return ((nTest + 5) * (sizex + padding) + padding, nMasks * (nTest + 1) * (sizex + padding) + padding)
+    return grid_shape(nMasks * (nTest + 1), nTest + 5)
+
+
+def trained(record):
+    """What a stats.jsonl record says of the training itself (not of time, memory or resuming)."""
+    return {key: record[key] for key in ("iteration", "step", "losses", "region_sizes", "train_acc", "train_iou",
+                                         "val_acc", "val_iou", "label_free")}
 
 
 def one_line_error(result):
@@ -193,16 +205,10 @@ def one_line_error(result):
     return lines[0]
 
 
-def training_options(*flags):
-    """train.py's options for these flags, completed as a run completes them."""
-    import train
-    return train.resolve_options(train.make_parser().parse_args([str(f) for f in flags]))[0]
-
-
 @pytest.fixture(scope="session")
 def test_device():
     """The device of the device-sensitive tests: REDO_TEST_DEVICE (cpu by default;
-    tests/gpu_check.py sets cuda). On CUDA, TF32 is turned off so that float32 means float32."""
+    tools/gpu_check.py sets cuda). On CUDA, TF32 is turned off so that float32 means float32."""
     device = torch.device(os.environ.get("REDO_TEST_DEVICE", "cpu"))
     if device.type == "cuda":
         if not torch.cuda.is_available():

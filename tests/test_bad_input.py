@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-import utils
 import minidata
+import utils
 from conftest import SMALL_RUN, fixture_path, one_line_error, run_process, run_script
 
 SCRIPT = "example_load_pretrained.py"

@@ -1,5 +1,5 @@
 """Every branch the code takes by device type, exercised on the CPU; the same tests run on a
-GPU with REDO_TEST_DEVICE=cuda (tests/gpu_check.py)."""
+GPU with REDO_TEST_DEVICE=cuda (tools/gpu_check.py)."""
 
 import os
 import sys
@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import models
+import monitor
 import train
 import utils
 from conftest import SMALL_RUN, named_tensors, run_process, run_script
@@ -120,7 +121,7 @@ def test_a_run_on_the_device_pins_its_batches_and_continues_a_cpu_checkpoint(min
 
 
 def test_peak_memory_is_the_devices(test_device):
-    peak = train.peak_memory_mb(test_device)
+    peak = monitor.peak_memory_mb(test_device)
     assert peak is not None and peak > 0
     if test_device.type == "cuda":
         assert peak == torch.cuda.max_memory_allocated(test_device) / 2**20
@@ -128,7 +129,7 @@ def test_peak_memory_is_the_devices(test_device):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_gpu_check_says_in_one_line_that_there_is_no_cuda(tmp_path):
-    result = run_process("tests/gpu_check.py", "--out", tmp_path / "report", cwd=tmp_path, check=False)
+    result = run_process("tools/gpu_check.py", "--out", tmp_path / "report", cwd=tmp_path, check=False)
     assert result.returncode == 1
     assert result.stderr.strip().startswith("gpu_check: CUDA is not available on this machine")
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "report").exists()
@@ -138,7 +139,7 @@ def test_gpu_check_fails_a_step_that_fails_in_part(tmp_path):
     """A crashed command, and a training that reaches no checkpoint, each fail their step."""
     import gpu_check
     steps = {"crash": [sys.executable, "-c", "import sys; sys.exit(3)"],
-             "training": [sys.executable, "tests/learning_curve.py", "--minutes", 0.05, "--outf", tmp_path / "run", "--",
+             "training": [sys.executable, "tools/learning_curve.py", "--minutes", 0.05, "--outf", tmp_path / "run", "--",
                           *TINY_TRAINING, "--checkpointFreq", 100000]}
     for name, command in steps.items():
         status, _, tail = gpu_check.run_step(name, [str(c) for c in command], 120, str(tmp_path))
@@ -162,7 +163,7 @@ def test_gpu_check_ends_every_process_of_a_step_out_of_time(tmp_path):
     leaves neither running."""
     import gpu_check
     outf = tmp_path / "run"
-    command = [sys.executable, "tests/learning_curve.py", "--minutes", 5, "--outf", outf, "--", *TINY_TRAINING]
+    command = [sys.executable, "tools/learning_curve.py", "--minutes", 5, "--outf", outf, "--", *TINY_TRAINING]
     status, _, tail = gpu_check.run_step("training", [str(c) for c in command], 8, str(tmp_path))
     assert status == "ran out of its 8 s", tail
     time.sleep(1)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import datasets
+import monitor
 import train
 import utils
 from conftest import ROOT, assert_same_checkpoint, assert_weights_retrace, run_script
@@ -20,13 +21,13 @@ THREADS = torch.get_num_threads()
 RANK_SCRIPT = """
 import sys, torch
 sys.path.insert(0, %(root)r)
-import datasets, train, utils
+import datasets, scores, train, utils
 sys.path.insert(0, %(tests)r)
 from test_distributed import log_batches
 argv = sys.argv[1:]
 if %(collapses)r:  # the checkpoints (counted from 1) at which rank 0's collapse test fires
     calls = []
-    utils.has_collapsed = lambda sizes, threshold: calls.append(sizes) or len(calls) in %(collapses)r
+    scores.has_collapsed = lambda sizes, threshold: calls.append(sizes) or len(calls) in %(collapses)r
 if %(signal_at)r:  # (rank, iteration, signal): that rank's first start sends it itself inside that iteration
     import os, signal
     iterate = train.training_iteration
@@ -41,7 +42,8 @@ dist = train.Distributed.from_environment(opt)
 batches = log_batches(datasets.ShardedBatchSampler)
 run = train.train(opt, start, dist)
 torch.save({"nets": {name: net.state_dict() for name, net in run.nets.items()}, "batches": batches,
-            "rng": utils.rng_states(), "options": vars(opt)}, "%%s/rank%%d.pt" %% (opt.outf, dist.rank))
+            "rng": utils.rng_states(), "options": vars(opt), "progress": vars(run.progress)},
+           "%%s/rank%%d.pt" %% (opt.outf, dist.rank))
 dist.close()
 """
 
@@ -172,7 +174,7 @@ def test_rollbacks_in_a_row_go_back_alike_on_every_rank(minidata_root, tmp_path)
     for name in rank0["nets"]:
         for key in rank0["nets"][name]:
             assert torch.equal(rank0["nets"][name][key], rank1["nets"][name][key]), (name, key)
-    assert rank0["options"] == rank1["options"]
+    assert rank0["options"] == rank1["options"] and rank0["progress"] == rank1["progress"]
 
 
 def interrupted_run_flags(minidata_root):
@@ -207,7 +209,7 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_iteration_and_resume_
                       timeout=120)
     assert "stopped by another process at iteration 3: %s holds it" % (outf / "state_00003.pth") in result.stderr
     ranks = [torch.load(outf / ("rank%d.pt" % rank)) for rank in (0, 1)]
-    assert [r["options"]["iteration"] for r in ranks] == [3, 3]
+    assert [r["progress"]["iteration"] for r in ranks] == [3, 3]
     assert sorted(p.name for p in outf.glob("state_*.pth")) == ["state_00002.pth", "state_00003.pth"]
     torchrun(os.path.join(ROOT, "train.py"), ["--resume", "--outf", outf], cwd=tmp_path)
     assert_ends_as_uninterrupted(outf, uninterrupted)
@@ -222,7 +224,7 @@ def test_torchrun_restarts_a_killed_worker_and_resume_auto_continues_exactly(min
     result = torchrun(rank_script(tmp_path, signal_at=(1, 3, "SIGKILL")),
                       interrupted_run_flags(minidata_root) + ["--outf", outf], cwd=tmp_path, max_restarts=1)
     assert "failed (exitcode: -9) local_rank: 1" in result.stderr  # the first start's SIGKILL, as torchrun reports it
-    records = utils.read_stats(outf / "stats.jsonl")[0]
+    records = monitor.read_stats(outf / "stats.jsonl")[0]
     assert [(r["iteration"], r["events"]) for r in records] == [(2, []), (4, ["resume"]), (6, [])]
     assert_ends_as_uninterrupted(outf, uninterrupted)
 

@@ -11,14 +11,11 @@ from PIL import Image
 
 import datasets
 import minidata
+import scores
 import utils
-from conftest import SMALL_RUN, fixture_path, original_run_flowers, run_script
+from conftest import SMALL_RUN, fixture_path, grid_shape, original_run_flowers, run_script
 
 SCRIPT = "example_load_pretrained.py"
-
-
-def grid_shape(rows, columns, sizex=128, padding=2):
-    return (columns * (sizex + padding) + padding, rows * (sizex + padding) + padding)
 
 
 @pytest.mark.parametrize("weights, columns", [
@@ -55,7 +52,7 @@ def test_score_prints_the_evaluate_scores_over_the_whole_split(minidata_root, tm
     state = utils.load_checkpoint(fixture_path("redo_small_netM_state.pth"))
     netEncM = utils.load_nets(state, ["netEncM"]).netEncM
     loader = torch.utils.data.DataLoader(datasets.make_dataset("cub", str(minidata_root / "cub"), "val"), batch_size=3)
-    ref_acc, ref_iou, _, _ = utils.evaluate(netEncM, loader, "cpu")
+    ref_acc, ref_iou, _, _ = scores.evaluate(netEncM, loader, "cpu")
     assert acc == pytest.approx(ref_acc, abs=1e-4) and iou == pytest.approx(ref_iou, abs=1e-4)
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import models
+import scores
 import train
 import utils
 from conftest import fixture_path, is_free_bias, is_weight
@@ -101,7 +102,7 @@ class _Lookup(torch.nn.Module):
 def test_evaluate_reproduces_the_original_scores(vectors):
     metric = vectors["metric"]
     loader = [(torch.tensor(batch), metric["mData"][batch]) for batch in metric["batches"]]
-    acc, iou, min_size, _ = utils.evaluate(_Lookup(metric["mPred"]), loader, "cpu")
+    acc, iou, min_size, _ = scores.evaluate(_Lookup(metric["mPred"]), loader, "cpu")
     assert acc == pytest.approx(metric["acc"], abs=1e-6)
     assert iou == pytest.approx(metric["iou"], abs=1e-6)
     assert min_size == pytest.approx(metric["minRegionSize"], abs=1e-6)
@@ -122,7 +123,7 @@ def test_region_scores_reduce_to_the_original_for_two_regions():
     m[0, 0, :4] = 0.5  # ties go to region 0, as `>= .5` does
     mPred = torch.cat((m, 1 - m), 1)
     mData = (torch.rand(6, 1, 32, 32, generator=g) > 0.4).float()
-    acc, iou = utils.segmentation_scores(mPred, mData)
+    acc, iou = scores.segmentation_scores(mPred, mData)
     ref_acc, ref_iou = original_two_region_scores(mPred, mData)
     assert torch.equal(acc, ref_acc) and torch.equal(iou, ref_iou)
 
@@ -134,10 +135,10 @@ def test_region_scores_with_more_regions_take_the_best_union_of_regions():
         mPred[0, k, :, 2 * k:2 * k + 2] = 1
     mData = torch.zeros(1, 1, 6, 6)
     mData[..., 2:] = 1
-    acc, iou = utils.segmentation_scores(mPred, mData)
+    acc, iou = scores.segmentation_scores(mPred, mData)
     assert acc.item() == 1 and iou.item() == 1
-    assert utils.foreground_assignments(3) == [(0,), (1,), (2,), (0, 1), (0, 2), (1, 2)]
-    assert utils.min_region_size(mPred) == pytest.approx(1 / 3)
+    assert scores.foreground_assignments(3) == [(0,), (1,), (2,), (0, 1), (0, 2), (1, 2)]
+    assert scores.min_region_size(mPred) == pytest.approx(1 / 3)
 
 
 @pytest.mark.parametrize("name", ["redo_small_nets_state.pth", "redo_small_nets_state.tar.gz",

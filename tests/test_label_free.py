@@ -6,14 +6,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import models
-import utils
 import minidata
-from conftest import SMALL_RUN, assert_same_tensors, run_script, training_options
+import models
+import scores
+import train
+import utils
+from conftest import SMALL_RUN, assert_same_tensors, run_script
 
 
 def small_nets_and_inputs(n=6):
-    opt = training_options("--dataset", "synthetic", "--nf", 4, "--nfM", 8, "--device", "cpu")
+    opt = train.options_for("--dataset", "synthetic", "--nf", 4, "--nfM", 8, "--device", "cpu")
     torch.manual_seed(0)
     nets = models.build_nets(opt, torch.device("cpu"), skip_ortho_init_sn=opt.skipOrthoInitSN)
     generator = torch.Generator().manual_seed(1)
@@ -29,8 +31,8 @@ def test_the_score_is_deterministic_and_changes_nothing():
     nets.train()
     before = copy.deepcopy({name: net.state_dict() for name, net in nets.items()})
     rng = torch.get_rng_state()
-    first = utils.label_free_scores(nets, images, noise, 4)
-    second = utils.label_free_scores(nets, images, noise, 4)
+    first = scores.label_free_scores(nets, images, noise, 4)
+    second = scores.label_free_scores(nets, images, noise, 4)
     assert first == second
     assert torch.equal(torch.get_rng_state(), rng)
     assert_same_tensors({name: net.state_dict() for name, net in nets.items()}, before)
@@ -57,12 +59,12 @@ def test_the_parts_see_what_they_measure():
     a collapse is found again 1/2 for two regions, has no boundary, and scores 0."""
     nets, images, noise = small_nets_and_inputs()
     nets.netEncM = FixedMasks(lambda x: torch.ones_like(x[:, :1]))
-    hard = utils.label_free_scores(nets, images, noise, 4)
+    hard = scores.label_free_scores(nets, images, noise, 4)
     assert (hard.binariness, hard.refound, hard.edges, hard.score, hard.min_region_size) == (1.0, 0.5, 0.0, 0.0, 0.0)
     nets.netEncM = FixedMasks(lambda x: torch.full_like(x[:, :1], 0.5))
-    assert utils.label_free_scores(nets, images, noise, 4).binariness == 0.0
+    assert scores.label_free_scores(nets, images, noise, 4).binariness == 0.0
     nets.netEncM = FixedMasks(lambda x: torch.full_like(x[:, :1], 0.7))  # region 1 is the smaller
-    soft = utils.label_free_scores(nets, images, noise, 4)
+    soft = scores.label_free_scores(nets, images, noise, 4)
     assert soft.binariness == pytest.approx((0.7 - 0.5) / 0.5, abs=1e-6)
     assert soft.min_region_size == pytest.approx(0.3, abs=1e-6)
 
@@ -102,12 +104,12 @@ def test_refound_realism_and_sizes_on_composites_worked_out_by_hand():
     images[:, 2] = 1.0
     images[:, :, :, :32] = torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1)
     nets.netEncM, nets.netGenX, nets.netDX = RedMasks(), PaintRed(), MeanRedness()
-    scores = utils.label_free_scores(nets, images, noise, 3)
-    assert scores.refound == pytest.approx(0.45, abs=1e-6)
-    assert scores.realism == 0.75
-    assert scores.min_region_size == 0.25 and scores.binariness == 1.0
-    assert scores.edges == pytest.approx(127, rel=1e-6)
-    assert scores.score == pytest.approx(0.45 * 127, rel=1e-6)
+    found = scores.label_free_scores(nets, images, noise, 3)
+    assert found.refound == pytest.approx(0.45, abs=1e-6)
+    assert found.realism == 0.75
+    assert found.min_region_size == 0.25 and found.binariness == 1.0
+    assert found.edges == pytest.approx(127, rel=1e-6)
+    assert found.score == pytest.approx(0.45 * 127, rel=1e-6)
 
 
 def l_shaped_background(x, column):
@@ -127,24 +129,24 @@ def test_edges_rank_boundaries_by_the_image_edges_they_lie_on():
     images = torch.full((6, 3, 128, 128), -1.0)
     images[..., 40:] = 1.0
     nets.netEncM = FixedMasks(lambda x: l_shaped_background(x, 40))
-    on_the_edge = utils.label_free_scores(nets, images, noise, 4)
+    on_the_edge = scores.label_free_scores(nets, images, noise, 4)
     assert abs(on_the_edge.edges - 127 * 100 / 139) < 1e-3
     assert on_the_edge.score == on_the_edge.refound * on_the_edge.edges
     turned = images.transpose(-1, -2).contiguous()  # the edge on row 40, a boundary along it
     nets.netEncM = FixedMasks(lambda x: l_shaped_background(x, 40).transpose(-1, -2))
-    assert utils.label_free_scores(nets, turned, noise, 4).edges == pytest.approx(127 * 100 / 139, abs=1e-3)
+    assert scores.label_free_scores(nets, turned, noise, 4).edges == pytest.approx(127 * 100 / 139, abs=1e-3)
     nets.netEncM = FixedMasks(lambda x: l_shaped_background(x, 40))
     images[..., 40:100] = -1.0  # the edge moved to column 100, away from the boundary
-    assert utils.label_free_scores(nets, images, noise, 4).edges == 0.0
-    assert utils.label_free_scores(nets, torch.zeros_like(images), noise, 4).edges == 0.0
+    assert scores.label_free_scores(nets, images, noise, 4).edges == 0.0
+    assert scores.label_free_scores(nets, torch.zeros_like(images), noise, 4).edges == 0.0
 
 
 def test_a_folder_without_masks_keeps_its_best_label_free_checkpoint_and_it_loads(tmp_path, monkeypatch):
     """best_unsupervised.pth is the checkpoint of the best score (here set to peak at the
     second of four checkpoints), written without ground truth, and example_load_pretrained.py
     segments with it."""
-    real_scores, chosen = utils.label_free_scores, iter([0.2, 0.6, 0.4, 0.1])
-    monkeypatch.setattr(utils, "label_free_scores",
+    real_scores, chosen = scores.label_free_scores, iter([0.2, 0.6, 0.4, 0.1])
+    monkeypatch.setattr(scores, "label_free_scores",
                         lambda *args: real_scores(*args)._replace(score=next(chosen)))
     minidata.make_folder(tmp_path, n=20, with_masks=False)
     outf = tmp_path / "out"
@@ -154,7 +156,7 @@ def test_a_folder_without_masks_keeps_its_best_label_free_checkpoint_and_it_load
     with open(outf / "stats.jsonl") as f:
         assert [json.loads(line)["label_free"]["score"] for line in f] == [0.2, 0.6, 0.4, 0.1]
     saved = utils.load_checkpoint(outf / "best_unsupervised.pth")
-    assert saved["options"].iteration == 4 and saved["options"].bestLabelFree == 0.6
+    assert saved["options"].iteration == 4 and train.Progress.of_checkpoint(saved).bestLabelFree == 0.6
     state = utils.load_checkpoint(outf / "state_00004.pth")
     nets = ("netEncM", "netGenX", "netDX", "netRecZ")
     assert_same_tensors({name: saved[name] for name in nets}, {name: state[name] for name in nets})
@@ -175,7 +177,7 @@ def test_each_region_is_redrawn_whole(monkeypatch):
     given, redraw = [], models.redraw
     monkeypatch.setattr(models, "redraw",
                         lambda netGenX, x, masks, z: given.append(masks) or redraw(netGenX, x, masks, z))
-    utils.label_free_scores(nets, images, noise, 4)
+    scores.label_free_scores(nets, images, noise, 4)
     with utils.eval_mode(nets.netEncM), torch.no_grad():
         hard = F.one_hot(nets.netEncM(images).argmax(1), 2).permute(0, 3, 1, 2).float()
     assert torch.equal(torch.cat(given), hard)

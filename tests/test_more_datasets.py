@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import datasets
-import utils
 import minidata
+import scores
 from conftest import SMALL_RUN, read_dat, run_script
 
 
@@ -96,7 +96,7 @@ def test_evaluate_leaves_out_images_without_ground_truth():
     known[..., :2] = 1
     unknown = torch.full((1, 1, 4, 4), float("nan"))
     batches = [(torch.zeros(2, 3, 4, 4), torch.cat((known, unknown))), (torch.zeros(1, 3, 4, 4), unknown)]
-    acc, iou, _, _ = utils.evaluate(Half(), batches, "cpu")
+    acc, iou, _, _ = scores.evaluate(Half(), batches, "cpu")
     assert acc == 1 and iou == 1
-    acc, iou, size, _ = utils.evaluate(Half(), batches[1:], "cpu")
+    acc, iou, size, _ = scores.evaluate(Half(), batches[1:], "cpu")
     assert np.isnan(acc) and np.isnan(iou) and size == 0.5

@@ -11,10 +11,11 @@ import time
 import pytest
 import torch
 
+import monitor
 import train
 import utils
-from conftest import PROCESS_ENV, ROOT, SMALL_RUN, assert_same_checkpoint, one_line_error, run_process, run_script
-from test_stats import trained
+from conftest import (PROCESS_ENV, ROOT, SMALL_RUN, assert_same_checkpoint, one_line_error, run_process, run_script,
+                      trained)
 
 SEEDED_RUN = ["--dataset", "flowers", "--checkpointFreq", 2, "--manualSeed", 4, "--clean"] + SMALL_RUN
 
@@ -58,7 +59,7 @@ def test_run_killed_at_random_moments_and_resumed_ends_bit_for_bit_as_uninterrup
     assert_same_checkpoint(whole, resumed)
     for name in ("train.dat", "val.dat"):
         assert (outf / name).read_text() == (tmp_path / "whole" / name).read_text(), kills
-    whole_log, resumed_log = (utils.read_stats(folder / "stats.jsonl") for folder in (tmp_path / "whole", outf))
+    whole_log, resumed_log = (monitor.read_stats(folder / "stats.jsonl") for folder in (tmp_path / "whole", outf))
     assert resumed_log[1] and [trained(r) for r in resumed_log[0]] == [trained(r) for r in whole_log[0]], kills
 
 
@@ -104,7 +105,7 @@ def test_resume_skips_an_incomplete_newest_checkpoint(minidata_root, tmp_path):
     (outf / "state_00006.pth").write_bytes(good[:len(good) // 2])  # as if the disk filled up
     result = run_script("train.py", "--resume", "--nIteration", 5, "--outf", outf, cwd=tmp_path)
     assert "skipping" in result.stderr and "state_00006.pth" in result.stderr
-    assert utils.load_options(outf / "options.pth").iteration == 6
+    assert utils.safe_torch_load(outf / "options.pth", "options.pth").iteration == 6
 
 
 def test_kill_during_a_save_leaves_a_complete_file(tmp_path):
@@ -196,7 +197,7 @@ def test_resume_keeps_the_runs_clean_unless_told_otherwise(minidata_root, tmp_pa
 SIGNALLED_RUN = """
 import os, signal, subprocess, sys
 sys.path.insert(0, %r)
-import train, utils
+import scores, train, utils
 signum, target, where = signal.Signals[sys.argv[1]], sys.argv[2], sys.argv[3]
 sent = []
 
@@ -208,14 +209,14 @@ def send_once(now):  # to the group, from another process, as a scheduler or a t
         else:
             os.kill(os.getpid(), signum)
 
-iterate, segmentation_scores, atomic_save = train.training_iteration, utils.segmentation_scores, utils.atomic_save
+iterate, segmentation_scores, atomic_save = train.training_iteration, scores.segmentation_scores, utils.atomic_save
 if where == "iteration":
     def training_iteration(nets, optimizers, xData, xReal, zData, opt, iteration, *rest):
         send_once(iteration == 5)
         return iterate(nets, optimizers, xData, xReal, zData, opt, iteration, *rest)
     train.training_iteration = training_iteration
 elif where == "scoring":  # scored a batch at a time, while the scoring loaders' workers run
-    utils.segmentation_scores = lambda *args: send_once(True) or segmentation_scores(*args)
+    scores.segmentation_scores = lambda *args: send_once(True) or segmentation_scores(*args)
 else:
     utils.atomic_save = lambda obj, path: send_once("state_" in str(path)) or atomic_save(obj, path)
 train.main(sys.argv[4:])
@@ -283,7 +284,7 @@ def test_a_signal_to_the_process_or_its_group_stops_cleanly_whatever_the_workers
                            utils.load_checkpoint(outf / "state_00008.pth"))
     for name in ("train.dat", "val.dat"):
         assert (outf / name).read_text() == (whole / name).read_text()
-    whole_log, resumed_log = (utils.read_stats(folder / "stats.jsonl")[0] for folder in (whole, outf))
+    whole_log, resumed_log = (monitor.read_stats(folder / "stats.jsonl")[0] for folder in (whole, outf))
     assert [trained(r) for r in resumed_log] == [trained(r) for r in whole_log]
 
 
@@ -320,7 +321,7 @@ def test_resume_auto_starts_an_empty_folder_continues_its_run_and_refuses_anothe
     assert [row[0] for row in utils.read_dat(outf / "val.dat")] == [2]
     run_script("train.py", *flags, "--nIteration", 3, cwd=tmp_path)  # requeued, run further
     assert [row[0] for row in utils.read_dat(outf / "val.dat")] == [2, 4]
-    assert [r["events"] for r in utils.read_stats(outf / "stats.jsonl")[0]] == [[], ["resume"]]
+    assert [r["events"] for r in monitor.read_stats(outf / "stats.jsonl")[0]] == [[], ["resume"]]
     other = run_script("train.py", *flags, "--lrM", 2e-4, cwd=tmp_path, check=False)
     assert one_line_error(other) == (
         "error: --resume auto: %s belongs to a run of another configuration: lrM=0.0002 (the run: 1e-05); continue it "

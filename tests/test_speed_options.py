@@ -10,9 +10,10 @@ import torch
 
 import datasets
 import models
+import scores
 import train
 import utils
-from conftest import ROOT, SMALL_RUN, is_free_bias, read_dat, run_script, training_options
+from conftest import ROOT, SMALL_RUN, is_free_bias, read_dat, run_script
 
 
 @pytest.mark.parametrize("n_queries", [1024, 1100])  # a whole number of blocks, and not
@@ -67,7 +68,7 @@ def test_fused_convolutions_equal_the_original_layers_in_value_and_gradient():
 
 
 def small_options():
-    return training_options("--nz", 8, "--nResM", 1, "--nf", 4, "--useSelfAttD", "--useSelfAttG", "--device", "cpu",
+    return train.options_for("--nz", 8, "--nResM", 1, "--nf", 4, "--useSelfAttD", "--useSelfAttG", "--device", "cpu",
                             "--manualSeed", 1)
 
 
@@ -139,7 +140,7 @@ def test_compiled_spectral_norm_has_the_eager_gradient(calls):
     # generating code (it fails on the old in-place buffer update; the spectral-norm test above
     # checks that bug in seconds)
     "aot_eager_decomp_partition",
-    # what --compile uses (tests/gpu_check.py runs it on the GPU)
+    # what --compile uses (tools/gpu_check.py runs it on the GPU)
     "inductor"])
 def test_compiled_iterations_stay_close_to_eager(backend, test_device):
     eager, _ = losses_of_iterations("fp32", device=test_device)
@@ -179,7 +180,7 @@ def test_nTrainScore_scores_the_first_training_images_and_trains_the_same(minida
     first_two = torch.utils.data.DataLoader(torch.utils.data.Subset(trainset, range(2)), batch_size=2)
     for iteration, acc, iou in read_dat(tmp_path / "first" / "train.dat"):
         state = utils.load_checkpoint(tmp_path / "first" / ("state_%05d.pth" % iteration))
-        expected = utils.evaluate(utils.load_nets(state, ["netEncM"]).netEncM, first_two, "cpu")
+        expected = scores.evaluate(utils.load_nets(state, ["netEncM"]).netEncM, first_two, "cpu")
         assert (acc, iou) == pytest.approx((expected.acc, expected.iou), abs=1e-6)
     assert read_dat(tmp_path / "first" / "train.dat") != read_dat(tmp_path / "whole" / "train.dat")
 

@@ -8,8 +8,9 @@ import torch
 from PIL import Image
 
 import datasets
+import monitor
 import utils
-from conftest import SMALL_RUN, one_line_error, read_dat, run_script
+from conftest import SMALL_RUN, one_line_error, read_dat, run_script, trained
 
 RUN = ["--dataset", "flowers", "--checkpointFreq", 2, "--manualSeed", 4, "--autoRestart", 0.01] + SMALL_RUN
 KEYS = {"iteration", "step", "seconds", "period_seconds", "score_seconds", "iterations_per_second",
@@ -22,12 +23,6 @@ def records(outf):
         return [json.loads(line) for line in f]
 
 
-def trained(record):
-    """What a record says of the training itself (not of time, memory or resuming)."""
-    return {key: record[key] for key in ("iteration", "step", "losses", "region_sizes", "train_acc", "train_iou",
-                                         "val_acc", "val_iou", "label_free")}
-
-
 def labelled_lines(axes):
     """{label: (x, y)} of the lines of matplotlib axes that have a label."""
     return {line.get_label(): ([float(v) for v in line.get_xdata()], [float(v) for v in line.get_ydata()])
@@ -35,8 +30,8 @@ def labelled_lines(axes):
 
 
 def test_one_record_per_checkpoint_and_a_curves_picture(minidata_root, tmp_path, monkeypatch):
-    figures, draw = [], utils.curves_figure
-    monkeypatch.setattr(utils, "curves_figure", lambda *args: figures.append(draw(*args)) or figures[-1])
+    figures, draw = [], monitor.curves_figure
+    monkeypatch.setattr(monitor, "curves_figure", lambda *args: figures.append(draw(*args)) or figures[-1])
     outf = tmp_path / "out"
     run_script("train.py", *RUN, "--dataroot", minidata_root / "flowers", "--nIteration", 3, "--outf", outf,
                cwd=tmp_path)
@@ -85,7 +80,7 @@ def test_curves_mark_rollbacks_and_restarts_on_every_plot():
     log = [{"step": 2 * k + 2, "losses": {"lossG": {"mean": 1.0}}, "region_sizes": {"train": [.5, .5], "val": [.5, .5]},
             "val_iou": .5, "val_acc": .5, "train_iou": .5, "label_free": {"score": 1.0}, "events": e}
            for k, e in enumerate(events)]
-    figure = utils.curves_figure(log, 0.05)
+    figure = monitor.curves_figure(log, 0.05)
     for axes in figure.axes[:3]:
         assert [(line.get_xdata()[0], line.get_linestyle()) for line in axes.get_lines()
                 if line.get_label().startswith("_")] == [(4, "--"), (6, ":"), (10, ":")]

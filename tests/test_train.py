@@ -14,10 +14,11 @@ from PIL import Image
 
 import datasets
 import models
+import scores
 import train
 import utils
 from conftest import (SMALL_RUN, assert_same_tensors, assert_weights_retrace, fixture_path, force_collapse, grid_size,
-                      original_run_flowers, read_dat, run_process, run_script, training_options)
+                      original_run_flowers, read_dat, run_process, run_script)
 
 OUR_FILES = ["best_unsupervised.pth", "curves.png", "stats.jsonl"]  # what we write beside the original's files
 STATE_KEYS = {"netEncM", "netGenX", "netDX", "netRecZ", "optimizerEncM", "optimizerGenX", "optimizerDX",
@@ -48,7 +49,7 @@ def test_training_writes_the_original_files(dataset, minidata_root, tmp_path):
         assert all(0 <= iou <= acc <= 1 for _, acc, iou in train_dat)
     state = utils.load_checkpoint(outf / "state_00004.pth")
     assert set(state) >= STATE_KEYS
-    opt = utils.load_options(outf / "options.pth")
+    opt = utils.safe_torch_load(outf / "options.pth", "options.pth")
     assert isinstance(opt, argparse.Namespace) and opt.iteration == 4 and opt.device == "cpu"
     assert opt.dataset == dataset and opt.nfX == 4 and opt.manualSeed == 3
     assert opt.bestValIoU == max(row[2] for row in val_dat)
@@ -131,7 +132,7 @@ def test_checkpoint_of_the_original_continues_as_the_original_continues_it(tmp_p
     (0.02, 0.03, 0.1, True), (0.02, 0.30, 0.1, False), (0.30, 0.02, 0.1, False), (0.10, 0.02, 0.1, False),
     (0.0, 0.0, 0, False)])  # the last: --autoRestart 0, off
 def test_collapse_needs_a_small_region_on_train_and_val(train_size, val_size, threshold, collapsed):
-    assert utils.has_collapsed([train_size, val_size], threshold) == collapsed
+    assert scores.has_collapsed([train_size, val_size], threshold) == collapsed
 
 
 def collapsed_checkpoint(minidata_root, outf, iterations):
@@ -169,10 +170,10 @@ def test_auto_restart_only_up_to_iteration_7000(iteration, restarts, minidata_ro
     argv = [str(a) for a in common] + ["--autoRestart", "0.1", "--iteration", "2"]
     opt, _ = train.resolve_options(train.make_parser().parse_args(argv), train.explicit_flags(argv))
     run = train.TrainingRun(opt, (str(outf / "state_00002.pth"), state))
-    opt.iteration = iteration
+    run.progress.iteration = iteration
     output = io.StringIO()
     with contextlib.redirect_stdout(output):
-        assert run.collapse_action(run.score(), run.label_free_score()) == ("restart" if restarts else None)
+        assert run.recovery_action(run.score(), run.label_free_score()) == ("restart" if restarts else None)
     assert "Training appear to have collapsed." in output.getvalue()
     assert ("Reinitializing training." in output.getvalue()) == restarts
 
@@ -257,7 +258,7 @@ def test_rollbacks_go_back_one_checkpoint_further_each_time_in_a_row_and_go_on(m
         calls.append(sizes)
         return len(calls) in (3, 4)
 
-    monkeypatch.setattr(utils, "has_collapsed", collapsed_at_the_third_and_fourth_checkpoints)
+    monkeypatch.setattr(scores, "has_collapsed", collapsed_at_the_third_and_fourth_checkpoints)
     outf = tmp_path / "out"
     args = ["--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--outf", outf, "--nIteration", 9,
             "--checkpointFreq", 2, "--manualSeed", 3, "--autoRestart", 0.1, "--rollback", 2, "--clean",
@@ -274,19 +275,19 @@ def test_rollbacks_go_back_one_checkpoint_further_each_time_in_a_row_and_go_on(m
     assert records[3]["losses"] != records[2]["losses"]  # the two periods from 4 to 6 drew differently
     assert sorted(p.name for p in outf.glob("state_*.pth")) == ["state_00006.pth", "state_00008.pth",
                                                                 "state_00010.pth"]
-    options = utils.load_options(outf / "options.pth")
-    assert (options.rollbacks, options.rollbacksInARow, options.collapsedAt) == (2, 0, 6)
+    progress = train.Progress.of_checkpoint(utils.load_checkpoint(outf / "state_00010.pth"))
+    assert (progress.rollbacks, progress.rollbacksInARow, progress.collapsedAt) == (2, 0, 6)
 
 
-@pytest.mark.parametrize("scores, restarted", [
+@pytest.mark.parametrize("refound, restarted", [
     ([0.3, 0.4, 0.2, 0.1, 0.2], 2),  # a third start as low goes on: no restart left (at most 2 here)
     ([0.3, 0.6, 0.1, 0.2, 0.2], 1)])  # low at a later checkpoint: goes on
-def test_early_restart_leaves_a_start_that_scores_low_at_its_first_checkpoint(scores, restarted, minidata_root,
+def test_early_restart_leaves_a_start_that_scores_low_at_its_first_checkpoint(refound, restarted, minidata_root,
                                                                                tmp_path, monkeypatch):
     """--earlyRestart 0.5: a start whose found-again score is under 0.5 at its first checkpoint
     restarts from scratch, nothing of it saved, while restarts are left; nothing else restarts."""
-    real_scores, chosen = utils.label_free_scores, iter(scores)
-    monkeypatch.setattr(utils, "label_free_scores", lambda *args: real_scores(*args)._replace(refound=next(chosen)))
+    real_scores, chosen = scores.label_free_scores, iter(refound)
+    monkeypatch.setattr(scores, "label_free_scores", lambda *args: real_scores(*args)._replace(refound=next(chosen)))
     monkeypatch.setattr(train, "EARLY_RESTARTS", 2)
     outf = tmp_path / "out"
     result = run_script("train.py", "--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--outf", outf,
@@ -295,14 +296,14 @@ def test_early_restart_leaves_a_start_that_scores_low_at_its_first_checkpoint(sc
     assert result.stdout.count("under --earlyRestart 0.5 at the first checkpoint") == restarted
     for number in range(1, restarted + 1):
         assert ("Found-again score %.3f under --earlyRestart 0.5 at the first checkpoint: restarting from scratch "
-                "(%d of 2)." % (scores[number - 1], number)) in result.stdout
+                "(%d of 2)." % (refound[number - 1], number)) in result.stdout
     records = [json.loads(line) for line in open(outf / "stats.jsonl")]
     assert [(r["iteration"], r["step"], r["events"]) for r in records] == \
         [(2, 2 * k + 2, ["early_restart"]) for k in range(restarted)] + \
         [(2 * k + 2, 2 * (k + restarted) + 2, []) for k in range(5 - restarted)]
     assert sorted(p.name for p in outf.glob("state_*.pth")) == ["state_%05d.pth" % (2 * k + 2)
                                                                 for k in range(5 - restarted)]
-    assert utils.load_options(outf / "options.pth").earlyRestarts == restarted
+    assert train.Progress.of_checkpoint(utils.load_checkpoint(max(outf.glob("state_*.pth")))).earlyRestarts == restarted
 
 
 def test_rollback_needs_the_collapse_test(minidata_root, tmp_path):
@@ -341,13 +342,13 @@ def test_a_rollback_loads_its_checkpoint_and_goes_on_with_fresh_noise_and_data_o
     assert path == str(tmp_path / "state_00002.pth")
     target = utils.load_checkpoint(path)
     run.rollback()
-    assert (opt.iteration, opt.rollbacks) == (2, 1)
+    assert (run.progress.iteration, run.progress.rollbacks) == (2, 1)
     assert_same_tensors(nets_state(run.nets), {name: target[name] for name, _ in run.nets.items()})
     assert_same_tensors({name: optimizer.state_dict()["state"] for name, optimizer in run.optimizers.items()},
                         {name: target[name]["state"] for name in run.optimizers})
     drawn = next_iteration_inputs(run, monkeypatch)
 
-    utils.seed_everything(opt.manualSeed + train.ROLLBACK_SEED_STRIDE * 1)
+    utils.seed_everything(utils.derived_seed(opt.manualSeed, 1))
     generator_stream, discriminator_stream = run.batch_stream(), run.batch_stream()
     fresh = (next(generator_stream)[0], next(discriminator_stream)[0], torch.randn_like(drawn[2]))
     replay = next_iteration_inputs(train.TrainingRun(opt, (path, target)), monkeypatch)
@@ -360,7 +361,7 @@ def test_collapses_beyond_the_rollbacks_allowed_restart_as_the_original(minidata
     """--rollback 1: the first collapse (forced, at the third checkpoint) rolls back, the
     second restarts from scratch (--autoRestart, before iteration 7000)."""
     calls = []
-    monkeypatch.setattr(utils, "has_collapsed", lambda sizes, threshold: calls.append(sizes) or len(calls) in (3, 4))
+    monkeypatch.setattr(scores, "has_collapsed", lambda sizes, threshold: calls.append(sizes) or len(calls) in (3, 4))
     outf = tmp_path / "out"
     result = run_script("train.py", "--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--outf", outf,
                         "--nIteration", 5, "--checkpointFreq", 2, "--manualSeed", 3, "--autoRestart", 0.1,
@@ -377,8 +378,8 @@ def test_an_early_restart_starts_from_fresh_nets_and_keeps_nothing_of_the_abando
     decision reaches the run, no checkpoint, best file or .dat line of that start is left, and
     the next start's first iteration begins from nets built afresh, in the original's order,
     from the random state the decision carries."""
-    real_scores, chosen = utils.label_free_scores, iter([0.3, 0.9])
-    monkeypatch.setattr(utils, "label_free_scores", lambda *args: real_scores(*args)._replace(refound=next(chosen)))
+    real_scores, chosen = scores.label_free_scores, iter([0.3, 0.9])
+    monkeypatch.setattr(scores, "label_free_scores", lambda *args: real_scores(*args)._replace(refound=next(chosen)))
     outf = tmp_path / "out"
     decisions, restore = [], utils.restore_rng_states
 
@@ -391,14 +392,14 @@ def test_an_early_restart_starts_from_fresh_nets_and_keeps_nothing_of_the_abando
     before, after, iterate = [], [], train.TrainingRun.train_one_iteration
 
     def iteration(run):
-        before.append((run.opt.iteration, nets_state(run.nets)))
+        before.append((run.progress.iteration, nets_state(run.nets)))
         iterate(run)
         after.append(nets_state(run.nets))
 
     monkeypatch.setattr(train.TrainingRun, "train_one_iteration", iteration)
     flags = ["--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--outf", outf, "--checkpointFreq", 2,
              "--manualSeed", 3, "--earlyRestart", 0.5] + SMALL_RUN
-    opt = training_options(*flags)
+    opt = train.options_for(*flags)
     run_script("train.py", *flags, "--nIteration", 1, cwd=tmp_path)
     assert [iteration for iteration, _ in before] == [0, 1, 0, 1]  # the abandoned start, then the next
     rng, files, dat_files = decisions[0]

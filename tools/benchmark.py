@@ -1,14 +1,14 @@
-"""Speed benchmark (not collected by pytest): seconds per training iteration, images per
+"""Speed benchmark: seconds per training iteration, images per
 second and peak memory for each speed option, the data loader's images per second, and
 the share of evaluation at checkpoints.
 
-    python tests/benchmark.py                                   # small and paper configurations
-    python tests/benchmark.py --original ../ReDO                # also the original, for ratios
-    python tests/benchmark.py --configs small --modes fp32,bf16 --iterations 5
-    python tests/benchmark.py --original ../ReDO --modes fp32 --rounds 3  # medians of 3 rounds
-    python tests/benchmark.py --logging out/stats.jsonl   # cost of stats.jsonl, curves.png, the label-free score
-    python tests/benchmark.py --flops paper                # floating-point operations of one iteration
-    python tests/benchmark.py --data                       # the data loader alone
+    python tools/benchmark.py                                   # small and paper configurations
+    python tools/benchmark.py --original ../ReDO                # also the original, for ratios
+    python tools/benchmark.py --configs small --modes fp32,bf16 --iterations 5
+    python tools/benchmark.py --original ../ReDO --modes fp32 --rounds 3  # medians of 3 rounds
+    python tools/benchmark.py --logging out/stats.jsonl   # cost of stats.jsonl, curves.png, the label-free score
+    python tools/benchmark.py --flops paper                # floating-point operations of one iteration
+    python tools/benchmark.py --data                       # the data loader alone
 
 --original points at a checkout of github mickaelChen/ReDO: its models.py is timed with
 its train.py's loop body, transcribed here step for step (original_iteration).
@@ -18,7 +18,6 @@ import argparse
 import importlib.util
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -40,9 +39,8 @@ def options(config):
     """train.py's options for a configuration, through its parser."""
     import train
     c = CONFIGS[config]
-    flags = ["--nf", c["nf"], "--nfX", c["nfX"], "--batchSize", c["batchSize"], "--useSelfAttD", "--useSelfAttG",
-             "--device", "cpu", "--manualSeed", 1]
-    return train.resolve_options(train.make_parser().parse_args([str(f) for f in flags]))[0]
+    return train.options_for("--nf", c["nf"], "--nfX", c["nfX"], "--batchSize", c["batchSize"], "--useSelfAttD",
+                             "--useSelfAttG", "--device", "cpu", "--manualSeed", 1)
 
 
 def original_nets(path, opt, device):
@@ -85,6 +83,7 @@ def original_iteration(nets, optimizers, xData, xReal, zData, opt):
 def measure_iterations(config, mode, impl, iterations, device):
     """Runs in a child process: time training iterations, return a dict of figures."""
     import models
+    import monitor
     import train
     opt = options(config)
     torch.manual_seed(0)
@@ -111,19 +110,13 @@ def measure_iterations(config, mode, impl, iterations, device):
         sync(device)
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times[warmup:])
-    return {"seconds": seconds, "images_per_second": B / seconds, "peak_mb": peak_memory_mb(device),
+    return {"seconds": seconds, "images_per_second": B / seconds, "peak_mb": monitor.peak_memory_mb(torch.device(device)),
             "first_seconds": times[0]}
 
 
 def sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
-
-
-def peak_memory_mb(device):
-    if torch.device(device).type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure_data(workers_list, n_images=96):
@@ -156,31 +149,32 @@ def measure_evaluation(config, device):
     """Seconds to score one image with evaluate(), and the share of a checkpoint period
     (500 iterations, Flowers' 6149 + 1020 images scored) that evaluation takes."""
     import models
-    import utils
+    import scores
     opt = options(config)
     netEncM = models.build_nets(opt, device).netEncM
     batches = [(torch.rand(opt.batchSize, 3, 128, 128) * 2 - 1, torch.ones(opt.batchSize, 1, 128, 128))] * 5
     start = time.perf_counter()
-    utils.evaluate(netEncM, batches, device)
+    scores.evaluate(netEncM, batches, device)
     return (time.perf_counter() - start) / (5 * opt.batchSize)
 
 
 def measure_logging(stats_path, tensorboard=False):
     """Replay a run's stats.jsonl: the seconds that writing each record and redrawing
     curves.png (and TensorBoard) took, against the period the record describes."""
+    import monitor
     import utils
-    records, _ = utils.read_stats(stats_path)
+    records, _ = monitor.read_stats(stats_path)
     if not records:
         sys.exit("%s: no records" % stats_path)
     shares = []
     with tempfile.TemporaryDirectory() as folder:
-        writer = utils.tensorboard_writer(folder) if tensorboard else None
+        writer = monitor.tensorboard_writer(folder) if tensorboard else None
         for k, record in enumerate(records, 1):
             start = time.perf_counter()
-            utils.append_line(os.path.join(folder, utils.STATS_FILE), json.dumps(record))
-            utils.plot_curves(records[:k], os.path.join(folder, "curves.png"), 0.05)
+            utils.append_line(os.path.join(folder, monitor.STATS_FILE), json.dumps(record))
+            monitor.plot_curves(records[:k], os.path.join(folder, "curves.png"), 0.05)
             if writer is not None:
-                for name, value in utils.flat_scalars(record).items():
+                for name, value in monitor.flat_scalars(record).items():
                     writer.add_scalar(name, value, record["step"])
                 writer.flush()
             seconds = time.perf_counter() - start
@@ -190,10 +184,9 @@ def measure_logging(stats_path, tensorboard=False):
 
 def label_free_costs(stats_path):
     """The label-free score's seconds at each checkpoint of a run, against its period."""
-    import utils
-    records, _ = utils.read_stats(stats_path)
-    return [r["label_free_seconds"] / (r["period_seconds"] + r["score_seconds"]) for r in records
-            if "label_free_seconds" in r]
+    import monitor
+    records, _ = monitor.read_stats(stats_path)
+    return [r["label_free_seconds"] / (r["period_seconds"] + r["score_seconds"]) for r in records]
 
 
 def measure_flops(config):

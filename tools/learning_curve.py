@@ -1,9 +1,9 @@
-"""Validation IoU against wall-clock time (not collected by pytest): runs train.py and prints
+"""Validation IoU against wall-clock time: runs train.py and prints
 one line per checkpoint, `minutes iteration val_accuracy val_IoU`, until --minutes have
 passed. Flags after `--` go to train.py (default: the README's synthetic quickstart).
 
-    python tests/learning_curve.py --minutes 30
-    python tests/learning_curve.py --minutes 10 -- --dataset synthetic --nf 16 --batchSize 4
+    python tools/learning_curve.py --minutes 30
+    python tools/learning_curve.py --minutes 10 -- --dataset synthetic --nf 16 --batchSize 4
 """
 import argparse
 import os

@@ -1,13 +1,13 @@
-"""Check a CUDA machine in under 8 minutes (not collected by pytest):
+"""Check a CUDA machine in under 8 minutes:
 
-    python tests/gpu_check.py --out gpu_report
+    python tools/gpu_check.py --out gpu_report
 
 1. the device-sensitive tests on cuda (REDO_TEST_DEVICE=cuda: the same tests as on the CPU),
    the compiled iterations with inductor (REDO_SLOW_TESTS=1) among them;
-2. tests/benchmark.py at the small and the paper configurations, fp32, --amp bf16 and
+2. tools/benchmark.py at the small and the paper configurations, fp32, --amp bf16 and
    --compile (inductor): seconds per iteration, images/s, peak GPU memory;
 3. the built-in dataset trained at the paper's configuration for 3 minutes: validation IoU
-   against minutes (tests/learning_curve.py), which must reach a checkpoint.
+   against minutes (tools/learning_curve.py), which must reach a checkpoint.
 Everything goes to --out: report.md and one log per step. Without CUDA it says so in one
 line and exits with status 1 at once. Exit status 1 too if a step failed (a test, any
 benchmark measurement, a training without a checkpoint) or ran out of time.
@@ -29,9 +29,9 @@ STEPS = [  # name, command, seconds allowed
     ("tests", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_devices.py",
                "tests/test_faithful.py", "tests/test_speed_options.py",
                "-k", "device or two_training or eval_outputs or attention or compiled_iterations"], 160),
-    ("benchmark", [sys.executable, "tests/benchmark.py", "--configs", "small,paper", "--modes", "fp32,bf16,compile",
+    ("benchmark", [sys.executable, "tools/benchmark.py", "--configs", "small,paper", "--modes", "fp32,bf16,compile",
                    "--iterations", "3", "--skip-data", "--device", "cuda"], 170),
-    ("training", [sys.executable, "tests/learning_curve.py", "--minutes", "3", "--"] + PAPER_QUICKSTART, 200),
+    ("training", [sys.executable, "tools/learning_curve.py", "--minutes", "3", "--"] + PAPER_QUICKSTART, 200),
 ]
 
 
