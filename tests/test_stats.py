@@ -47,8 +47,8 @@ def test_one_record_per_checkpoint_and_a_curves_picture(minidata_root, tmp_path,
         assert all(set(v) == {"mean", "last"} for v in r["losses"].values())
         assert [len(r["region_sizes"][split]) for split in ("train", "val")] == [2, 2]
         assert sum(r["region_sizes"]["val"]) == pytest.approx(1, abs=1e-4)
-        assert r["iterations_per_second"] > 0 and r["images_per_second"] == pytest.approx(
-            2 * r["iterations_per_second"], rel=1e-3)
+        assert r["iterations_per_second"] > 0 and r["images_per_second"] == pytest.approx(  # both rounded:
+            2 * r["iterations_per_second"], abs=6e-4)  # images/s to 3 decimals, iterations/s to 4 (x 2)
     assert [r["val_iou"] for r in log] == [row[2] for row in read_dat(outf / "val.dat")]
     assert log[0]["seconds"] < log[1]["seconds"] < log[2]["seconds"]
     with Image.open(outf / "curves.png") as picture:

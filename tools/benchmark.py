@@ -9,6 +9,8 @@ the share of evaluation at checkpoints.
     python tools/benchmark.py --logging out/stats.jsonl   # cost of stats.jsonl, curves.png, the label-free score
     python tools/benchmark.py --flops paper                # floating-point operations of one iteration
     python tools/benchmark.py --data                       # the data loader alone
+    python tools/benchmark.py --profile quickstart --iterations 20   # where an iteration's time goes (CPU)
+    python tools/benchmark.py --profile paper --iterations 2 --warmup 2
 
 --original points at a checkout of github mickaelChen/ReDO: its models.py is timed with
 its train.py's loop body, transcribed here step for step (original_iteration).
@@ -18,6 +20,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -205,6 +208,122 @@ def measure_flops(config):
     return counter.get_total_flops()
 
 
+PROFILED = {  # train.py's flags of the configurations --profile knows, on the built-in dataset
+    "quickstart": ["--dataset", "synthetic", "--nf", 8, "--nfM", 32, "--batchSize", 8, "--lrM", "2e-4",
+                   "--dStepFreq", 2, "--cacheData", "--workers", 1],  # README's quickstart, as it trains
+    "paper": ["--dataset", "synthetic", "--nf", 64, "--nfX", 32, "--useSelfAttG", "--useSelfAttD", "--batchSize", 20,
+              "--cacheData", "--workers", 0],
+}
+OTHER_OPS = "other operators (activations, pooling, element-wise, losses)"
+
+
+def labelled(function, label):
+    """function, its calls marked `label` in the profile."""
+    from torch.profiler import record_function
+
+    def marked(*args, **kwargs):
+        with record_function(label):
+            return function(*args, **kwargs)
+    return marked
+
+
+class LabelledStream:
+    """A batch stream whose batches are marked `label` in the profile as they are fetched."""
+
+    def __init__(self, stream, label):
+        self.stream, self.fetch = stream, labelled(lambda: next(stream), label)
+
+    def __next__(self):
+        return self.fetch()
+
+
+def category(name):
+    """The part of an iteration a top-level profiler event belongs to."""
+    if name.startswith("autograd::engine::evaluate_function: "):
+        node = name.split(": ", 1)[1]
+        for part, label in (("Convolution", "convolutions, backward"), ("Norm", "normalisation, backward"),
+                            ("Mv", "spectral norm"), ("Dot", "spectral norm"), ("Attention", "attention")):
+            if part in node:
+                return label
+        return OTHER_OPS + ", backward"
+    if name in ("spectral norm", "attention", "data"):
+        return name
+    if name.startswith("Optimizer."):
+        return "optimizers"
+    if name in ("aten::conv2d", "aten::convolution", "aten::_convolution", "aten::conv_transpose2d"):
+        return "convolutions, forward"
+    if "norm" in name:
+        return "normalisation, forward"
+    return OTHER_OPS
+
+
+def profile_iterations(config, iterations, warmup):
+    """Where the time of train.py's own training iterations goes at a configuration (on the
+    CPU): {part: seconds per iteration} (profiled), seconds per iteration (not profiled, then
+    profiled) and operations per iteration. Top-level events of the main thread, each whole to
+    its part; what no event covers is Python and the framework between operators. `iterations`
+    should be even (--dStepFreq 2)."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils.flop_counter import FlopCounterMode
+    import models
+    import train
+    models.SNConv2d.normalized_weight = labelled(models.SNConv2d.normalized_weight, "spectral norm")
+    models.attention = labelled(models.attention, "attention")
+    with tempfile.TemporaryDirectory() as outf:
+        opt = train.options_for(*PROFILED[config], "--device", "cpu", "--manualSeed", 1, "--silent", "--outf", outf)
+        run = train.TrainingRun(opt)
+        for stream in ("genData", "disData"):
+            setattr(run, stream, LabelledStream(getattr(run, stream), "data"))
+        for _ in range(warmup):
+            run.train_one_iteration()
+        start = time.perf_counter()
+        for _ in range(iterations):
+            run.train_one_iteration()
+        seconds = (time.perf_counter() - start) / iterations
+        start = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(iterations):
+                run.train_one_iteration()
+        profiled_seconds = (time.perf_counter() - start) / iterations
+        with FlopCounterMode(display=False) as counter:
+            for _ in range(2):  # with --dStepFreq 2, one iteration in two has a discriminator step
+                run.train_one_iteration()
+    main_thread = min(event.thread for event in prof.events())
+    parts = {}
+    for event in prof.events():
+        if event.thread == main_thread and event.cpu_parent is None:
+            part = category(event.name)
+            parts[part] = parts.get(part, 0.0) + event.cpu_time_total / 1e6 / iterations
+    parts["Python and framework between operators"] = profiled_seconds - sum(parts.values())
+    return parts, seconds, profiled_seconds, counter.get_total_flops() / 2
+
+
+def cpu_peak_gflops(fma_units):
+    """fp32 peak of this CPU: cores x vector lanes x FMA units x 2 x clock, and how each was
+    obtained (lanes from the instruction sets in /proc/cpuinfo, clock as it reports it)."""
+    with open("/proc/cpuinfo") as f:
+        info = f.read()
+    lanes = 16 if " avx512f" in info else 8 if " avx2" in info else 4
+    mhz = float(re.search(r"cpu MHz\s*:\s*([0-9.]+)", info).group(1))
+    cores = torch.get_num_threads()
+    peak = cores * lanes * fma_units * 2 * mhz / 1000
+    return peak, "%d threads x %d fp32 lanes (%s) x %d FMA units x 2 x %.2f GHz" % (
+        cores, lanes, "AVX-512" if lanes == 16 else "AVX2" if lanes == 8 else "SSE", fma_units, mhz / 1000)
+
+
+def print_profile(config, iterations, warmup, fma_units):
+    parts, seconds, profiled_seconds, flops = profile_iterations(config, iterations, warmup)
+    peak, how = cpu_peak_gflops(fma_units)
+    print("%s: %.3f s per iteration (mean of %d after %d; %.3f s profiled), %.2f GFLOP per iteration: %.1f GFLOP/s, "
+          "%.1f%% of the fp32 peak %.0f GFLOP/s (%s)" % (
+              config, seconds, iterations, warmup, profiled_seconds, flops / 1e9, flops / 1e9 / seconds,
+              100 * flops / 1e9 / seconds / peak, peak, how))
+    print("| part | ms per iteration (profiled) | share |")
+    print("| --- | --- | --- |")
+    for part, part_seconds in sorted(parts.items(), key=lambda item: -item[1]):
+        print("| %s | %.1f | %.1f%% |" % (part, 1000 * part_seconds, 100 * part_seconds / profiled_seconds))
+
+
 def child(args):
     result = measure_iterations(args.one[0], args.one[1], args.one[2], args.iterations, args.device)
     print(json.dumps(result))
@@ -240,6 +359,10 @@ def main():
     p.add_argument("--logging", metavar="STATS_JSONL", help="only the cost of the statistics log, from a run's log")
     p.add_argument("--tensorboard", action="store_true", help="with --logging: TensorBoard too")
     p.add_argument("--flops", metavar="CONFIG", help="only the operations of one iteration of CONFIG")
+    p.add_argument("--profile", metavar="CONFIG", choices=sorted(PROFILED),
+                   help="only where an iteration's time goes, on the CPU: %s" % ", ".join(sorted(PROFILED)))
+    p.add_argument("--warmup", type=int, default=5, help="with --profile: iterations run before any is timed")
+    p.add_argument("--fma-units", type=int, default=2, help="with --profile: FMA units per core, for the peak")
     p.add_argument("--one", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
@@ -262,6 +385,8 @@ def main():
     if args.flops:
         print("%s: %.3f TFLOP per training iteration" % (args.flops, measure_flops(args.flops) / 1e12))
         return
+    if args.profile:
+        return print_profile(args.profile, args.iterations + args.iterations % 2, args.warmup, args.fma_units)
     print("device %s, torch %s, %d threads" % (args.device, torch.__version__, torch.get_num_threads()))
     print("| configuration | implementation | mode | s / iteration | images / s | peak memory (MB) | speed-up vs original |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
