@@ -48,21 +48,27 @@ def fixture_path(name):
     return os.path.join(FIXTURES, name)
 
 
-def run_script(script, *args, cwd, check=True):
+def run_script(script, *args, cwd, check=True, threads=None):
     """Run one of the project's scripts as `python SCRIPT ARGS` from the folder cwd, but in
     this process: its main(argv), with stdout and stderr captured and the exit status and
-    message Python would give (a process costs 5 s of imports here; see run_process)."""
+    message Python would give (a process costs seconds of imports; see run_process).
+    threads: torch's thread count during the run; PROCESS_THREADS gives results equal bit
+    for bit to run_process's (the rounding of a run depends on it)."""
     module = importlib.import_module(os.path.splitext(script)[0])
     stdout, stderr, returncode = io.StringIO(), io.StringIO(), 0
+    before = torch.get_num_threads()
     with _working_directory(cwd), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), \
             warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        torch.set_num_threads(threads or before)
         try:
             module.main([str(a) for a in args])
         except SystemExit as e:  # as the interpreter reports it
             if isinstance(e.code, str):
                 print(e.code, file=sys.stderr)
             returncode = e.code if isinstance(e.code, int) else 1
+        finally:
+            torch.set_num_threads(before)
     result = subprocess.CompletedProcess(script, returncode, stdout.getvalue(), stderr.getvalue())
     return _checked(result, check)
 
@@ -77,7 +83,8 @@ def _working_directory(path):  # contextlib.chdir, from Python 3.11 on
         os.chdir(before)
 
 
-PROCESS_ENV = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+PROCESS_THREADS = int(os.environ.get("OMP_NUM_THREADS", "2"))
+PROCESS_ENV = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=str(PROCESS_THREADS))
 """The environment of the scripts' processes: the same thread count in every one of them."""
 
 

@@ -140,40 +140,26 @@ def test_two_processes_match_one_process_with_the_whole_batch(minidata_root, tmp
                minidata_root / "flowers", "--batch_size", 2, "--device", "cpu", cwd=tmp_path)
 
 
-def test_restart_decision_and_random_state_of_rank_0_reach_every_rank(minidata_root, tmp_path):
-    """Only rank 0 scores (its evaluation loaders draw random numbers) and decides on a
-    restart: a collapse (forced) at the first checkpoint restarts every rank with it, each
-    continuing from rank 0's random state."""
+def test_rollbacks_and_restart_decided_by_rank_0_reach_every_rank_with_its_random_state(minidata_root, tmp_path):
+    """Only rank 0 scores (its evaluation loaders draw random numbers) and decides. Collapses
+    (forced) at the 3rd and 4th checkpoints send both ranks back to 4 then 2; rank 0 alone
+    writes the healthy checkpoint at 6 that ends the streak, so the rollback after the 7th
+    goes back to the newest (6) on both ranks only if rank 0 shares it; the collapse at the
+    9th, with no rollback left, restarts every rank, each continuing from rank 0's random state."""
     outf = tmp_path / "out"
-    torchrun(rank_script(tmp_path, collapses=(1,)), ["--dataset", "flowers", "--dataroot", minidata_root / "flowers",
-                                                     "--nf", 4, "--batchSize", 4, "--nTest", 2, "--checkpointFreq", 2,
-                                                     "--manualSeed", 6, "--workers", 0, "--device", "cpu", "--silent",
-                                                     "--outf", outf, "--nIteration", 3, "--autoRestart", 0.1],
+    torchrun(rank_script(tmp_path, collapses=(3, 4, 7, 9)),
+             ["--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--nf", 4, "--batchSize", 4, "--nTest", 2,
+              "--checkpointFreq", 2, "--manualSeed", 6, "--workers", 0, "--device", "cpu", "--silent", "--outf", outf,
+              "--nIteration", 9, "--autoRestart", 0.1, "--rollback", 3],
              cwd=tmp_path)
-    assert [line.split()[0] for line in (outf / "val.dat").read_text().splitlines()] == ["2", "2", "4"]
+    assert [int(line.split()[0]) for line in (outf / "val.dat").read_text().splitlines()] == \
+        [2, 4, 6, 6, 4, 6, 8, 8, 10, 2, 4, 6, 8, 10]
     rank0, rank1 = torch.load(outf / "rank0.pt"), torch.load(outf / "rank1.pt")
     for name in rank0["nets"]:
         for key in rank0["nets"][name]:
             assert torch.equal(rank0["nets"][name][key], rank1["nets"][name][key]), (name, key)
     assert torch.equal(rank0["rng"]["torch"], rank1["rng"]["torch"])
     assert rank0["rng"]["python"] == rank1["rng"]["python"]
-
-
-def test_rollbacks_in_a_row_go_back_alike_on_every_rank(minidata_root, tmp_path):
-    """Collapses (forced) at the 3rd and 4th checkpoints send both ranks back to 4 then 2;
-    rank 0 alone writes the healthy checkpoint at 6 that ends the streak, so the rollback
-    after the 7th goes back to the newest (6) on both ranks only if rank 0 shares it."""
-    outf = tmp_path / "out"
-    torchrun(rank_script(tmp_path, collapses=(3, 4, 7)), ["--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--nf", 4, "--batchSize", 4,
-                      "--nTest", 2, "--checkpointFreq", 2, "--manualSeed", 6, "--workers", 0, "--device", "cpu",
-                      "--silent", "--outf", outf, "--nIteration", 9, "--autoRestart", 0.1, "--rollback", 3],
-             cwd=tmp_path)
-    assert [int(line.split()[0]) for line in (outf / "val.dat").read_text().splitlines()] == \
-        [2, 4, 6, 6, 4, 6, 8, 8, 10]
-    rank0, rank1 = torch.load(outf / "rank0.pt"), torch.load(outf / "rank1.pt")
-    for name in rank0["nets"]:
-        for key in rank0["nets"][name]:
-            assert torch.equal(rank0["nets"][name][key], rank1["nets"][name][key]), (name, key)
     assert rank0["options"] == rank1["options"] and rank0["progress"] == rank1["progress"]
 
 
@@ -229,11 +215,12 @@ def test_torchrun_restarts_a_killed_worker_and_resume_auto_continues_exactly(min
     assert_ends_as_uninterrupted(outf, uninterrupted)
 
 
-def test_batch_size_must_split_evenly(minidata_root, tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), os.path.join(ROOT, "train.py"), "--dataroot", str(minidata_root / "flowers"),
-               "--batchSize", "3", "--nf", "4", "--device", "cpu", "--outf", str(tmp_path)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+def test_batch_size_must_split_evenly(minidata_root, tmp_path, monkeypatch):
+    """Refused before the process group is joined: what torchrun gives each of 2 processes."""
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    result = run_script("train.py", "--dataroot", minidata_root / "flowers", "--batchSize", 3, "--nf", 4, "--device",
+                        "cpu", "--outf", tmp_path, cwd=tmp_path, check=False)
     assert result.returncode != 0
     assert "--batchSize 3: under torchrun it is the global batch" in result.stderr
 

@@ -14,8 +14,8 @@ import torch
 import monitor
 import train
 import utils
-from conftest import (PROCESS_ENV, ROOT, SMALL_RUN, assert_same_checkpoint, one_line_error, run_process, run_script,
-                      trained)
+from conftest import (PROCESS_ENV, PROCESS_THREADS, ROOT, SMALL_RUN, assert_same_checkpoint, one_line_error,
+                      run_process, run_script, trained)
 
 SEEDED_RUN = ["--dataset", "flowers", "--checkpointFreq", 2, "--manualSeed", 4, "--clean"] + SMALL_RUN
 
@@ -52,7 +52,7 @@ def test_run_killed_at_random_moments_and_resumed_ends_bit_for_bit_as_uninterrup
                                                                                       log.read_text())
         finished = returncode == 0
     if not finished:
-        run_process("train.py", *args, "--outf", outf, "--resume", cwd=tmp_path)
+        run_script("train.py", *args, "--outf", outf, "--resume", cwd=tmp_path, threads=PROCESS_THREADS)
     assert kills, "no kill landed while the run was going"
     whole = utils.load_checkpoint(tmp_path / "whole" / "state_00010.pth")
     resumed = utils.load_checkpoint(outf / "state_00010.pth")
@@ -233,8 +233,8 @@ def whole_runs(minidata_root, tmp_path_factory):
     def whole(workers):
         if workers not in runs:
             runs[workers] = tmp_path_factory.mktemp("whole%d" % workers)
-            run_process("train.py", *signalled_run_flags(minidata_root, workers), "--outf", runs[workers],
-                        cwd=runs[workers])
+            run_script("train.py", *signalled_run_flags(minidata_root, workers), "--outf", runs[workers],
+                       cwd=runs[workers], threads=PROCESS_THREADS)
         return runs[workers]
     return whole
 
@@ -278,7 +278,7 @@ def test_a_signal_to_the_process_or_its_group_stops_cleanly_whatever_the_workers
     time.sleep(0.5)
     with pytest.raises(ProcessLookupError):  # the group is empty: no loader worker left behind
         os.killpg(process.pid, 0)
-    run_process("train.py", "--resume", "--outf", outf, cwd=tmp_path)
+    run_script("train.py", "--resume", "--outf", outf, cwd=tmp_path, threads=PROCESS_THREADS)
     whole = whole_runs(workers)
     assert_same_checkpoint(utils.load_checkpoint(whole / "state_00008.pth"),
                            utils.load_checkpoint(outf / "state_00008.pth"))

@@ -151,7 +151,9 @@ def test_compiled_iterations_stay_close_to_eager(backend, test_device):
 
 
 def test_cached_data_gives_the_same_run(minidata_root, tmp_path):
-    args = ["--dataset", "cub", "--dataroot", minidata_root / "cub", "--nIteration", 3, "--checkpointFreq", 2,
+    """One checkpoint, after 4 iterations: each stream's 8 images go past the end of the 6
+    training images."""
+    args = ["--dataset", "cub", "--dataroot", minidata_root / "cub", "--nIteration", 4, "--checkpointFreq", 4,
             "--manualSeed", 2, *SMALL_RUN, "--workers", 1]
     run_script("train.py", *args, "--outf", tmp_path / "disk", cwd=tmp_path)
     run_script("train.py", *args, "--outf", tmp_path / "cached", "--cacheData", cwd=tmp_path)
