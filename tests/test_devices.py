@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+import datasets
 import models
 import monitor
 import train
@@ -145,6 +146,25 @@ def test_gpu_check_fails_a_step_that_fails_in_part(tmp_path):
         status, _, tail = gpu_check.run_step(name, [str(c) for c in command], 120, str(tmp_path))
         assert status.startswith("failed (exit status"), (name, status, tail)
     assert tail[-1] == "train.py reached no checkpoint in 0.05 minutes"
+
+
+def test_benchmark_profile_gives_every_part_of_an_iteration_its_time(monkeypatch):
+    """--profile on tiny nets: the convolutions' forward and backward, spectral norm, the
+    optimizers and the data are found as parts of their own, and the parts add up to the
+    profiled iteration (what no operator covers being Python and the framework)."""
+    import benchmark
+    import models
+    monkeypatch.setattr(datasets.SyntheticDataset, "SIZES", {"train": 8, "val": 4, "test": 4})
+    monkeypatch.setattr(models.SNConv2d, "normalized_weight", models.SNConv2d.normalized_weight)  # relabelled
+    monkeypatch.setattr(models, "attention", models.attention)
+    monkeypatch.setitem(benchmark.PROFILED, "tiny", ["--dataset", "synthetic", "--nf", 4, "--batchSize", 2,
+                                                     "--nTest", 2, "--workers", 0])
+    parts, seconds, profiled_seconds, flops = benchmark.profile_iterations("tiny", 2, 1)
+    for part in ("convolutions, forward", "convolutions, backward", "spectral norm", "optimizers", "data"):
+        assert parts[part] > 0, part
+    assert parts["Python and framework between operators"] > 0
+    assert sum(parts.values()) == pytest.approx(profiled_seconds)
+    assert seconds > 0 and flops > 0
 
 
 def test_benchmark_fails_when_a_measurement_fails(monkeypatch, capsys):
