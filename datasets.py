@@ -1,5 +1,7 @@
 """The datasets of the original (Flowers, CUB, LFW and the coloured-MNIST toy), read from
-their published on-disk formats, with the original's splits and preprocessing.
+their published on-disk formats, with the original's splits and preprocessing; ours (the
+built-in synthetic set, a folder of one's own images); the in-memory cache, the loaders and
+the resumable training batch streams.
 
 Every item is (image, mask): the image (3, sizex, sizex) in [-1, 1], the mask
 (1, sizex, sizex) with 1 on the object. Images and masks are resized (shorter side to

@@ -1,3 +1,6 @@
+"""What the tests share: the project on the path, fixtures (the original's reference files,
+the miniature datasets, thread counts), running a script in-process or as a process, and
+helpers that compare checkpoints, weights and sample grids."""
 import contextlib
 import importlib
 import io
