@@ -618,9 +618,7 @@ class TrainingRun:
                 if os.path.exists(os.path.join(self.opt.outf, name)):
                     os.remove(os.path.join(self.opt.outf, name))
         self.progress = Progress()
-        self.grid = SampleGrid.draw(splits["test"], self.opt, self.device)
-        self.prepare_scoring(splits["val"])
-        self.genData, self.disData = self.batch_stream(), self.batch_stream()
+        self.set_up_draws(splits)
         self.monitor = monitor.Monitor.fresh(self.opt, self.device, self.log, self.dist.is_main)
 
     def continue_from(self, path, state, splits):
@@ -630,13 +628,7 @@ class TrainingRun:
         self.load_nets_and_optimizers(path, state)
         resume = state.get("resume")
         self.progress = Progress.of_checkpoint(state) if self.opt.resume else Progress(iteration=self.opt.iteration)
-        if resume is None:
-            self.grid = SampleGrid.draw(splits["test"], self.opt, self.device)
-        else:
-            self.grid = SampleGrid(**{k: v.to(self.device) for k, v in resume["sampleGrid"].items()})
-        self.prepare_scoring(splits["val"])
-        self.genData = self.batch_stream(resume and resume["genData"])
-        self.disData = self.batch_stream(resume and resume["disData"])
+        self.set_up_draws(splits, resume)
         if resume is None:
             self.monitor = monitor.Monitor(self.opt, self.device, self.log, self.dist.is_main)
             self.monitor.events.append("resume")
@@ -647,10 +639,18 @@ class TrainingRun:
         utils.restore_rng_states(resume["rng"])
         self.monitor = monitor.Monitor.resumed(self.opt, self.device, self.log, self.dist.is_main, resume)
 
-    def prepare_scoring(self, valset):
-        """The validation loader, and the images and noise of the label-free score."""
-        self.valloader = datasets.make_loader(valset, self.opt.batchSize, self.opt.workers, self.pin_memory)
-        self.label_free_images, self.label_free_noise = scores.label_free_inputs(valset, self.opt.nMasks, self.opt.nz)
+    def set_up_draws(self, splits, resume=None):
+        """The sample grid and the batch streams, drawn in the original's order or restored from
+        `resume`; between them, the validation loader and the label-free score's inputs."""
+        if resume is None:
+            self.grid = SampleGrid.draw(splits["test"], self.opt, self.device)
+        else:
+            self.grid = SampleGrid(**{k: v.to(self.device) for k, v in resume["sampleGrid"].items()})
+        self.valloader = datasets.make_loader(splits["val"], self.opt.batchSize, self.opt.workers, self.pin_memory)
+        self.label_free_images, self.label_free_noise = scores.label_free_inputs(splits["val"], self.opt.nMasks,
+                                                                                 self.opt.nz)
+        self.genData = self.batch_stream(resume and resume["genData"])
+        self.disData = self.batch_stream(resume and resume["disData"])
 
     def batch_stream(self, state=None):
         """Endless training batches (this rank's share of each), from `state` or a new epoch."""

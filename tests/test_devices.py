@@ -153,10 +153,7 @@ def test_benchmark_profile_gives_every_part_of_an_iteration_its_time(monkeypatch
     optimizers and the data are found as parts of their own, and the parts add up to the
     profiled iteration (what no operator covers being Python and the framework)."""
     import benchmark
-    import models
     monkeypatch.setattr(datasets.SyntheticDataset, "SIZES", {"train": 8, "val": 4, "test": 4})
-    monkeypatch.setattr(models.SNConv2d, "normalized_weight", models.SNConv2d.normalized_weight)  # relabelled
-    monkeypatch.setattr(models, "attention", models.attention)
     monkeypatch.setitem(benchmark.PROFILED, "tiny", ["--dataset", "synthetic", "--nf", 4, "--batchSize", 2,
                                                      "--nTest", 2, "--workers", 0])
     parts, seconds, profiled_seconds, flops = benchmark.profile_iterations("tiny", 2, 1)

@@ -16,8 +16,6 @@ import train
 import utils
 from conftest import ROOT, assert_same_checkpoint, assert_weights_retrace, run_script
 
-THREADS = torch.get_num_threads()
-
 RANK_SCRIPT = """
 import sys, torch
 sys.path.insert(0, %(root)r)
@@ -101,11 +99,7 @@ def test_two_processes_match_one_process_with_the_whole_batch(minidata_root, tmp
     torchrun(rank_script(tmp_path), args + ["--outf", tmp_path / "ddp"], cwd=tmp_path)
     monkeypatch.setattr(datasets.ShardedBatchSampler, "__iter__", datasets.ShardedBatchSampler.__iter__)
     single_batches = log_batches(datasets.ShardedBatchSampler)
-    torch.set_num_threads(1)  # as each rank (OMP_NUM_THREADS=1)
-    try:
-        run_script("train.py", *args, "--outf", tmp_path / "single", cwd=tmp_path)
-    finally:
-        torch.set_num_threads(THREADS)
+    run_script("train.py", *args, "--outf", tmp_path / "single", cwd=tmp_path, threads=1)  # as each rank's
 
     ddp, single = tmp_path / "ddp", tmp_path / "single"
     # files written once, by rank 0

@@ -17,6 +17,7 @@ its train.py's loop body, transcribed here step for step (original_iteration).
 Every measurement runs in a fresh process, so peak memory is its own.
 """
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -227,6 +228,19 @@ def labelled(function, label):
     return marked
 
 
+@contextlib.contextmanager
+def labelled_in_models():
+    """Spectral norm and attention marked in the profile while the block runs."""
+    import models
+    normalized_weight, attention = models.SNConv2d.normalized_weight, models.attention
+    models.SNConv2d.normalized_weight = labelled(normalized_weight, "spectral norm")
+    models.attention = labelled(attention, "attention")
+    try:
+        yield
+    finally:
+        models.SNConv2d.normalized_weight, models.attention = normalized_weight, attention
+
+
 class LabelledStream:
     """A batch stream whose batches are marked `label` in the profile as they are fetched."""
 
@@ -265,11 +279,8 @@ def profile_iterations(config, iterations, warmup):
     should be even (--dStepFreq 2)."""
     from torch.profiler import ProfilerActivity, profile
     from torch.utils.flop_counter import FlopCounterMode
-    import models
     import train
-    models.SNConv2d.normalized_weight = labelled(models.SNConv2d.normalized_weight, "spectral norm")
-    models.attention = labelled(models.attention, "attention")
-    with tempfile.TemporaryDirectory() as outf:
+    with tempfile.TemporaryDirectory() as outf, labelled_in_models():
         opt = train.options_for(*PROFILED[config], "--device", "cpu", "--manualSeed", 1, "--silent", "--outf", outf)
         run = train.TrainingRun(opt)
         for stream in ("genData", "disData"):
@@ -288,9 +299,10 @@ def profile_iterations(config, iterations, warmup):
         with FlopCounterMode(display=False) as counter:
             for _ in range(2):  # with --dStepFreq 2, one iteration in two has a discriminator step
                 run.train_one_iteration()
-    main_thread = min(event.thread for event in prof.events())
+    events = prof.events()
+    main_thread = min(event.thread for event in events)
     parts = {}
-    for event in prof.events():
+    for event in events:
         if event.thread == main_thread and event.cpu_parent is None:
             part = category(event.name)
             parts[part] = parts.get(part, 0.0) + event.cpu_time_total / 1e6 / iterations
