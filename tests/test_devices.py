@@ -198,3 +198,23 @@ def processes_naming(text):
         except OSError:  # ended meanwhile
             pass
     return pids
+
+
+def test_benchmark_side_by_side_times_each_revision_after_its_first_period(tmp_path):
+    """--side-by-side: a revision's tree is the commit's files, and the speeds leave out the
+    first checkpoint period (start-up, compilation) but count the scoring of the others."""
+    import subprocess
+    import benchmark
+    records = [{"step": 100, "seconds": 70.0, "period_seconds": 50.0},
+               {"step": 200, "seconds": 120.0, "period_seconds": 45.0},
+               {"step": 300, "seconds": 180.0, "period_seconds": 55.0}]
+    training, with_scoring = benchmark.speeds_after_the_first_period(records)
+    assert training == pytest.approx(200 / 100) and with_scoring == pytest.approx(110 / 200)
+    with pytest.raises(SystemExit, match="two checkpoint periods"):
+        benchmark.speeds_after_the_first_period(records[:1])
+    tree = benchmark.source_tree("HEAD", str(tmp_path / "tree"))
+    committed = subprocess.run(["git", "show", "HEAD:train.py"], cwd=benchmark.ROOT, capture_output=True,
+                               check=True).stdout
+    with open(os.path.join(tree, "train.py"), "rb") as f:
+        assert f.read() == committed
+    assert benchmark.source_tree(".", str(tmp_path / "here")) == benchmark.ROOT

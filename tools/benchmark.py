@@ -11,6 +11,8 @@ the share of evaluation at checkpoints.
     python tools/benchmark.py --data                       # the data loader alone
     python tools/benchmark.py --profile quickstart --iterations 20   # where an iteration's time goes (CPU)
     python tools/benchmark.py --profile paper --iterations 2 --warmup 2
+    python tools/benchmark.py --side-by-side HEAD~1 HEAD --rounds 3   # the quickstart, two commits
+    python tools/benchmark.py --side-by-side HEAD "HEAD --compile"     # ... or one commit, two sets of flags
 
 --original points at a checkout of github mickaelChen/ReDO: its models.py is timed with
 its train.py's loop body, transcribed here step for step (original_iteration).
@@ -22,6 +24,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -209,9 +212,12 @@ def measure_flops(config):
     return counter.get_total_flops()
 
 
+# README's quickstart command, but its --outf and --clean
+QUICKSTART = ["--dataset", "synthetic", "--nf", "8", "--nfM", "32", "--batchSize", "8", "--lrM", "2e-4",
+              "--dStepFreq", "2", "--autoRestart", ".05", "--rollback", "3", "--earlyRestart", ".55",
+              "--checkpointFreq", "100", "--nTrainScore", "200", "--cacheData", "--workers", "1"]
 PROFILED = {  # train.py's flags of the configurations --profile knows, on the built-in dataset
-    "quickstart": ["--dataset", "synthetic", "--nf", 8, "--nfM", 32, "--batchSize", 8, "--lrM", "2e-4",
-                   "--dStepFreq", 2, "--cacheData", "--workers", 1],  # README's quickstart, as it trains
+    "quickstart": QUICKSTART,
     "paper": ["--dataset", "synthetic", "--nf", 64, "--nfX", 32, "--useSelfAttG", "--useSelfAttD", "--batchSize", 20,
               "--cacheData", "--workers", 0],
 }
@@ -336,6 +342,67 @@ def print_profile(config, iterations, warmup, fma_units):
         print("| %s | %.1f | %.1f%% |" % (part, 1000 * part_seconds, 100 * part_seconds / profiled_seconds))
 
 
+def side_by_side(specs, iterations, rounds):
+    """The quickstart run by train.py for `iterations` iterations from each spec ("REV" or
+    "REV FLAGS...": a git revision of this repository, "." for the working tree as it is,
+    and flags added to the quickstart's), in turn, `rounds` times. Returns, per spec, each
+    round's (training iterations per second, seconds per iteration with the scoring),
+    both without the first checkpoint period (start-up, compilation)."""
+    results = {spec: [] for spec in specs}
+    with tempfile.TemporaryDirectory(prefix="redo_side_by_side_") as scratch:
+        trees = {spec: source_tree(spec.split()[0], os.path.join(scratch, "tree%d" % i))
+                 for i, spec in enumerate(specs)}
+        for _ in range(rounds):
+            for spec in specs:
+                results[spec].append(quickstart_speed(trees[spec], shlex.split(spec)[1:], iterations,
+                                                      tempfile.mkdtemp(dir=scratch)))
+                print("%s: %.3f it/s training, %.3f s / it with the scoring" % (spec, *results[spec][-1]),
+                      flush=True)
+    return results
+
+
+def source_tree(rev, folder):
+    """A folder holding the project at git revision rev ("." : this working tree itself)."""
+    if rev == ".":
+        return ROOT
+    os.makedirs(folder)
+    archive = subprocess.run(["git", "-C", ROOT, "archive", rev], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", folder], input=archive, check=True)
+    return folder
+
+
+def quickstart_speed(tree, flags, iterations, outf):
+    """One quickstart run of tree's train.py; see side_by_side."""
+    subprocess.run([sys.executable, os.path.join(tree, "train.py"), *QUICKSTART, *flags, "--nIteration",
+                    str(iterations), "--manualSeed", "1", "--silent", "--clean", "--outf", outf], check=True,
+                   stdout=subprocess.DEVNULL)
+    import monitor
+    return speeds_after_the_first_period(monitor.read_stats(os.path.join(outf, monitor.STATS_FILE))[0])
+
+
+def speeds_after_the_first_period(records):
+    """From a run's stats.jsonl records: training iterations per second, and seconds per
+    iteration with the scoring, over the periods after the first."""
+    if len(records) < 2:
+        sys.exit("benchmark: --side-by-side needs two checkpoint periods or more (--iterations)")
+    first, rest = records[0], records[1:]
+    iterations = rest[-1]["step"] - first["step"]
+    return (iterations / sum(r["period_seconds"] for r in rest),
+            (rest[-1]["seconds"] - first["seconds"]) / iterations)
+
+
+def print_side_by_side(results):
+    before, *others = results
+    print("| quickstart from | training it/s | speed-up | s / it with the scoring | speed-up |")
+    print("| --- | --- | --- | --- | --- |")
+    for spec, rounds in results.items():  # medians of the rounds, speed-ups against the first spec's same round
+        print("| %s | %.3f | %.2fx | %.3f | %.2fx |" % (
+            spec, statistics.median(r[0] for r in rounds),
+            statistics.median(r[0] / b[0] for b, r in zip(results[before], rounds)),
+            statistics.median(r[1] for r in rounds),
+            statistics.median(b[1] / r[1] for b, r in zip(results[before], rounds))))
+
+
 def child(args):
     result = measure_iterations(args.one[0], args.one[1], args.one[2], args.iterations, args.device)
     print(json.dumps(result))
@@ -375,6 +442,10 @@ def main():
                    help="only where an iteration's time goes, on the CPU: %s" % ", ".join(sorted(PROFILED)))
     p.add_argument("--warmup", type=int, default=5, help="with --profile: iterations run before any is timed")
     p.add_argument("--fma-units", type=int, default=2, help="with --profile: FMA units per core, for the peak")
+    p.add_argument("--side-by-side", nargs="+", metavar="SPEC",
+                   help="only the quickstart's speed from each SPEC, in turn (--rounds, --iterations): a git "
+                        "revision, or '.' for the working tree, optionally followed by train.py flags in the same "
+                        "argument; speed-ups against the first")
     p.add_argument("--one", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
@@ -397,6 +468,8 @@ def main():
     if args.flops:
         print("%s: %.3f TFLOP per training iteration" % (args.flops, measure_flops(args.flops) / 1e12))
         return
+    if args.side_by_side:
+        return print_side_by_side(side_by_side(args.side_by_side, args.iterations, args.rounds))
     if args.profile:
         return print_profile(args.profile, args.iterations + args.iterations % 2, args.warmup, args.fma_units)
     print("device %s, torch %s, %d threads" % (args.device, torch.__version__, torch.get_num_threads()))

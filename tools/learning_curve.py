@@ -13,11 +13,9 @@ import sys
 import tempfile
 import time
 
+from benchmark import QUICKSTART  # this folder is on the path of a script run from it
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICKSTART = ["--dataset", "synthetic", "--nf", "8", "--nfM", "32", "--batchSize", "8", "--lrM", "2e-4",
-              "--dStepFreq", "2", "--autoRestart", ".05", "--rollback", "3", "--earlyRestart", ".55",
-              "--checkpointFreq", "100", "--nTrainScore", "200", "--clean", "--cacheData", "--workers", "1",
-              "--nIteration", "100000", "--manualSeed", "1", "--silent"]
 
 
 def main():
@@ -26,7 +24,7 @@ def main():
     p.add_argument("--outf", default=None, help="output folder (default: a temporary one)")
     p.add_argument("train_flags", nargs="*", help="flags for train.py, after --")
     args = p.parse_args()
-    flags = args.train_flags or QUICKSTART
+    flags = args.train_flags or QUICKSTART + ["--clean", "--nIteration", "100000", "--manualSeed", "1", "--silent"]
     outf = args.outf or tempfile.mkdtemp(prefix="redo_curve_")
     command = [sys.executable, os.path.join(ROOT, "train.py")] + flags + ["--outf", outf]
     print("# %s" % " ".join(command[1:]), flush=True)
