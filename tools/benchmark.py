@@ -11,8 +11,8 @@ the share of evaluation at checkpoints.
     python tools/benchmark.py --data                       # the data loader alone
     python tools/benchmark.py --profile quickstart --iterations 20   # where an iteration's time goes (CPU)
     python tools/benchmark.py --profile paper --iterations 2 --warmup 2
-    python tools/benchmark.py --side-by-side HEAD~1 HEAD --rounds 3   # the quickstart, two commits
-    python tools/benchmark.py --side-by-side HEAD "HEAD --compile"     # ... or one commit, two sets of flags
+    python tools/benchmark.py --side-by-side HEAD~1 HEAD --iterations 300 --rounds 3   # the quickstart, two commits
+    python tools/benchmark.py --side-by-side HEAD "HEAD --compile" --iterations 300     # ... or two sets of flags
 
 --original points at a checkout of github mickaelChen/ReDO: its models.py is timed with
 its train.py's loop body, transcribed here step for step (original_iteration).
@@ -350,7 +350,7 @@ def side_by_side(specs, iterations, rounds):
     both without the first checkpoint period (start-up, compilation)."""
     results = {spec: [] for spec in specs}
     with tempfile.TemporaryDirectory(prefix="redo_side_by_side_") as scratch:
-        trees = {spec: source_tree(spec.split()[0], os.path.join(scratch, "tree%d" % i))
+        trees = {spec: source_tree(shlex.split(spec)[0], os.path.join(scratch, "tree%d" % i))
                  for i, spec in enumerate(specs)}
         for _ in range(rounds):
             for spec in specs:
@@ -392,7 +392,7 @@ def speeds_after_the_first_period(records):
 
 
 def print_side_by_side(results):
-    before, *others = results
+    before = next(iter(results))
     print("| quickstart from | training it/s | speed-up | s / it with the scoring | speed-up |")
     print("| --- | --- | --- | --- | --- |")
     for spec, rounds in results.items():  # medians of the rounds, speed-ups against the first spec's same round
