@@ -247,9 +247,9 @@ def test_compile_flag_compiles_the_nets_and_saves_plain_checkpoints(minidata_roo
 
 PAGE_FAULTS_OF_ITERATIONS = """
 import resource, sys, torch
-sys.path.insert(0, %r)
-import train
-if sys.argv[1] == "tuned":
+if sys.argv[1] == "tuned":  # (train is imported only here: its import costs the other child a second)
+    sys.path.insert(0, %r)
+    import train
     train.tune_for_device(torch.device("cpu"))
 
 def iteration():  # like a training iteration: large activations alive together, then all freed
