@@ -2,6 +2,7 @@
 GPU with REDO_TEST_DEVICE=cuda (tools/gpu_check.py)."""
 
 import os
+import subprocess
 import sys
 import time
 
@@ -203,7 +204,6 @@ def processes_naming(text):
 def test_benchmark_side_by_side_times_each_revision_after_its_first_period(tmp_path):
     """--side-by-side: a revision's tree is the commit's files, and the speeds leave out the
     first checkpoint period (start-up, compilation) but count the scoring of the others."""
-    import subprocess
     import benchmark
     records = [{"step": 100, "seconds": 70.0, "period_seconds": 50.0},
                {"step": 200, "seconds": 120.0, "period_seconds": 45.0},

@@ -212,10 +212,10 @@ def measure_flops(config):
     return counter.get_total_flops()
 
 
-# README's quickstart command, but its --outf and --clean
+# README's quickstart command, but its --outf
 QUICKSTART = ["--dataset", "synthetic", "--nf", "8", "--nfM", "32", "--batchSize", "8", "--lrM", "2e-4",
               "--dStepFreq", "2", "--autoRestart", ".05", "--rollback", "3", "--earlyRestart", ".55",
-              "--checkpointFreq", "100", "--nTrainScore", "200", "--cacheData", "--workers", "1"]
+              "--checkpointFreq", "100", "--nTrainScore", "200", "--clean", "--cacheData", "--workers", "1"]
 PROFILED = {  # train.py's flags of the configurations --profile knows, on the built-in dataset
     "quickstart": QUICKSTART,
     "paper": ["--dataset", "synthetic", "--nf", 64, "--nfX", 32, "--useSelfAttG", "--useSelfAttD", "--batchSize", 20,
@@ -374,7 +374,7 @@ def source_tree(rev, folder):
 def quickstart_speed(tree, flags, iterations, outf):
     """One quickstart run of tree's train.py; see side_by_side."""
     subprocess.run([sys.executable, os.path.join(tree, "train.py"), *QUICKSTART, *flags, "--nIteration",
-                    str(iterations), "--manualSeed", "1", "--silent", "--clean", "--outf", outf], check=True,
+                    str(iterations), "--manualSeed", "1", "--silent", "--outf", outf], check=True,
                    stdout=subprocess.DEVNULL)
     import monitor
     return speeds_after_the_first_period(monitor.read_stats(os.path.join(outf, monitor.STATS_FILE))[0])

@@ -24,7 +24,7 @@ def main():
     p.add_argument("--outf", default=None, help="output folder (default: a temporary one)")
     p.add_argument("train_flags", nargs="*", help="flags for train.py, after --")
     args = p.parse_args()
-    flags = args.train_flags or QUICKSTART + ["--clean", "--nIteration", "100000", "--manualSeed", "1", "--silent"]
+    flags = args.train_flags or QUICKSTART + ["--nIteration", "100000", "--manualSeed", "1", "--silent"]
     outf = args.outf or tempfile.mkdtemp(prefix="redo_curve_")
     command = [sys.executable, os.path.join(ROOT, "train.py")] + flags + ["--outf", outf]
     print("# %s" % " ".join(command[1:]), flush=True)
