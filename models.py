@@ -19,13 +19,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-SUPPORTED_SIZEX = 128
+SUPPORTED_SIZEX = (128, 64)  # the original's size, and a quarter of its pixels for CPUs
 
 
 def check_sizex(sizex):
-    if sizex != SUPPORTED_SIZEX:
-        raise ValueError("sizex=%s is not supported: ReDO's networks are built for %dx%d images "
-                         "(use --sizex %d)" % (sizex, SUPPORTED_SIZEX, SUPPORTED_SIZEX, SUPPORTED_SIZEX))
+    if sizex not in SUPPORTED_SIZEX:
+        raise ValueError("sizex=%s is not supported: ReDO's networks are built for 128x128 images "
+                         "(use --sizex 128, or --sizex 64 for a quarter of the pixels)" % sizex)
 
 
 class SNConv2d(nn.Conv2d):
@@ -266,7 +266,7 @@ def _res_last_block(nf):
 
 
 class _ResNet128(nn.Module):
-    """Spectral-norm ResNet, 128x128 -> 4x4, summed over space, then a linear layer.
+    """Spectral-norm ResNet, 128x128 -> 4x4 (64x64 -> 2x2), summed over space, then a linear layer.
 
     Shared by the discriminator (optional self-attention after the first block) and the
     noise reconstructor (first block stored in `blocs[0]`, as in the original).
@@ -330,17 +330,18 @@ class ResEncoder(_ResNet128):
 
 
 class MaskedGenerator(nn.Module):
-    """One region generator: draws a 128x128 region from noise z, conditioned on its mask.
+    """One region generator: draws a sizex x sizex region from noise z, conditioned on its mask.
 
     Instance norms are modulated by 1x1 convolutions of the noise (`gamma*`, `beta*`), and
     the mask, average-pooled to each resolution, is concatenated before each up-convolution.
     The output is tanh, multiplied by the mask (original `_resMaskedGenerator128`).
     """
 
-    def __init__(self, nf=64, nOut=3, nc=8, selfAtt=False):
+    def __init__(self, nf=64, nOut=3, nc=8, selfAtt=False, sizex=128):
         super().__init__()
         self.selfAtt = SelfAttention(nf * 2) if selfAtt else nn.Identity()
-        self.dense = nn.Linear(nc, 4 * 4 * nf * 16)
+        self.start = sizex // 32  # five up-convolutions from start x start
+        self.dense = nn.Linear(nc, self.start * self.start * nf * 16)
         layers = {name: [] for name in ("convA", "convB", "normA", "normB",
                                         "gammaA", "gammaB", "betaA", "betaB", "sc")}
         nfPrev = nfNext = nf * 16
@@ -372,10 +373,10 @@ class MaskedGenerator(nn.Module):
         return F.relu(norm(x) * gamma(c) + beta(c))
 
     def forward(self, m, z, c):
-        """m: (B, 1, 128, 128) mask; z: (B, nc, 1, 1) noise; c: (B, nc, 1, 1) conditioning
+        """m: (B, 1, sizex, sizex) mask; z: (B, nc, 1, 1) noise; c: (B, nc, 1, 1) conditioning
         (ReDO passes z twice)."""
-        x = self.dense(z.view(z.size(0), z.size(1))).view(z.size(0), -1, 4, 4)
-        mask_ratio = m.size(-1) // 4
+        x = self.dense(z.view(z.size(0), z.size(1))).view(z.size(0), -1, self.start, self.start)
+        mask_ratio = m.size(-1) // self.start
         for k in range(5):
             if k == 4:
                 x = self.selfAtt(x)
@@ -442,7 +443,10 @@ class _upConv(nn.Module):
 
 
 def _pyramid_pooling(nf, size, bins):
-    """Pool the features over a bins x bins grid, reduce to one channel, upsample back."""
+    """Pool the features over a bins x bins grid, reduce to one channel, upsample back.
+
+    The window is size // bins, as the original's: at --sizex 64 (size 16) the finest level
+    pools 2x2 windows into 8x8 bins rather than 6x6."""
     kernel = size // bins
     return nn.Sequential(nn.AvgPool2d(kernel, kernel),
                          nn.Conv2d(nf, 1, 1),
@@ -486,7 +490,7 @@ class RegionGenerators(nn.Module):
     def __init__(self, sizex=128, nOut=3, nc=8, nf=64, nMasks=2, selfAtt=False):
         super().__init__()
         check_sizex(sizex)
-        self.net = nn.ModuleList([MaskedGenerator(nf=nf, nOut=nOut, nc=nc, selfAtt=selfAtt)
+        self.net = nn.ModuleList([MaskedGenerator(nf=nf, nOut=nOut, nc=nc, selfAtt=selfAtt, sizex=sizex)
                                   for _ in range(nMasks)])
         self.nMasks = nMasks
 

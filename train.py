@@ -199,7 +199,7 @@ def make_parser():
     p.add_argument('--dataroot', default='./data', help='path to dataset')
     p.add_argument('--maskroot', default=None, help='--dataset folder: folder of ground-truth masks (optional)')
     p.add_argument('--nx', type=int, default=3, help='number of channels of the input image')
-    p.add_argument('--sizex', type=int, default=128, help='size of the input image (only 128 is supported)')
+    p.add_argument('--sizex', type=int, default=128, help='size of the input image: 128 (the original) or 64 (a quarter of the pixels, for CPUs)')
     p.add_argument('--nz', type=int, default=32, help='size of the latent z vector')
     p.add_argument('--nMasks', type=int, default=2, help='number of masks')
     p.add_argument('--nResM', type=int, default=3, help='number of residual blocks in netM')
@@ -392,8 +392,12 @@ def remove_run_files(outf):
 def check_options(opt):
     if opt.dataset not in datasets.DATASETS:
         raise UserError("--dataset %s: unknown dataset (expected one of %s)" % (opt.dataset, ", ".join(datasets.DATASETS)))
-    if opt.sizex != models.SUPPORTED_SIZEX:
-        raise UserError("--sizex %d: only 128 is supported (the networks are built for 128x128 images)" % opt.sizex)
+    if opt.sizex not in models.SUPPORTED_SIZEX:
+        raise UserError("--sizex %d: expected 128 (the original's networks) or 64 (the same networks on a quarter "
+                        "of the pixels)" % opt.sizex)
+    if opt.dataset == "cmnist" and opt.sizex != datasets.CMNISTDataset.size:
+        raise UserError("--sizex %d: --dataset cmnist draws %dx%d images only" % (
+            opt.sizex, datasets.CMNISTDataset.size, datasets.CMNISTDataset.size))
     if opt.nMasks < 2:
         raise UserError("--nMasks %d: ReDO needs at least 2 regions" % opt.nMasks)
     for name in ("nx", "nz", "nResM", "nf", "nfD", "nfX", "nfM", "nfZ", "batchSize", "nTest", "checkpointFreq",

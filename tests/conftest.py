@@ -195,9 +195,9 @@ def grid_shape(rows, columns, sizex=128, padding=2):
     return (columns * (sizex + padding) + padding, rows * (sizex + padding) + padding)
 
 
-def grid_size(nTest, nMasks):
+def grid_size(nTest, nMasks, sizex=128):
     """(width, height) of a training sample grid: nTest + 5 columns, nMasks * (nTest + 1) rows."""
-    return grid_shape(nMasks * (nTest + 1), nTest + 5)
+    return grid_shape(nMasks * (nTest + 1), nTest + 5, sizex)
 
 
 def trained(record):

@@ -64,7 +64,8 @@ def test_cmnist_says_when_mnist_cannot_be_had(tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--dataset", "imagenet"], "--dataset imagenet: unknown dataset (expected one of flowers, cub, lfw, cmnist, synthetic, folder, lfw+flowers)"),
-    (["--sizex", "64"], "--sizex 64: only 128 is supported"),
+    (["--sizex", "96"], "--sizex 96: expected 128 (the original's networks) or 64"),
+    (["--dataset", "cmnist", "--sizex", "64"], "--sizex 64: --dataset cmnist draws 128x128 images only"),
     (["--nMasks", "1"], "--nMasks 1: ReDO needs at least 2 regions"),
     (["--batchSize", "0"], "--batchSize 0: expected a positive number"),
     (["--earlyRestart", "1"], "--earlyRestart 1.0: expected a found-again score from 0 (off) to under 1"),

@@ -13,7 +13,7 @@ import datasets
 import minidata
 import scores
 import utils
-from conftest import SMALL_RUN, fixture_path, grid_shape, original_run_flowers, run_script
+from conftest import SMALL_RUN, fixture_path, grid_shape, grid_size, original_run_flowers, run_script
 
 SCRIPT = "example_load_pretrained.py"
 
@@ -107,15 +107,20 @@ def test_weights_saved_from_cuda_load_through_every_entry_point(weights_from_cud
     assert utils.load_checkpoint(outf / "state_00004.pth")["options"].iteration == 4
 
 
-def test_our_own_training_checkpoints_load(minidata_root, tmp_path):
+def test_our_own_training_checkpoints_load_at_their_size(minidata_root, tmp_path):
+    """A run at --sizex 64: its checkpoints draw and score 64x64 images."""
     outf = tmp_path / "run"
     run_script("train.py", "--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--outf", outf,
-               "--nIteration", 1, "--checkpointFreq", 2, *SMALL_RUN, cwd=tmp_path)
+               "--sizex", 64, "--nIteration", 1, "--checkpointFreq", 2, *SMALL_RUN, cwd=tmp_path)
+    with Image.open(outf / "out_00002.png") as img:
+        assert img.size == grid_size(nTest=2, nMasks=2, sizex=64)
     for name in ("state_00002.pth", "best.pth"):
         result = run_script(SCRIPT, "--statePath", outf / name, "--dataroot", minidata_root / "flowers",
                             "--batch_size", 2, "--score", "--device", "cpu", cwd=tmp_path)
         assert "loaded netEncM, netGenX, netDX, netRecZ on cpu" in result.stdout
         assert re.search(r"train split of flowers \(6 images\): accuracy 0\.\d+ IoU 0\.\d+", result.stdout)
+        with Image.open(tmp_path / "out.png") as img:
+            assert img.size == grid_shape(rows=2, columns=6, sizex=64)
 
 
 def synthetic_weights(tmp_path):

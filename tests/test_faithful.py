@@ -188,12 +188,35 @@ def test_spectral_norm_power_iteration_runs_once_per_call_in_train_mode_only():
     assert not torch.equal(conv.weight_u, u1)
 
 
-def test_sizex_other_than_128_is_refused(fixture_options):
-    opt = argparse.Namespace(**{**vars(fixture_options), "sizex": 64})
-    with pytest.raises(ValueError, match="sizex=64 is not supported.*--sizex 128"):
+def test_sizex_other_than_128_or_64_is_refused(fixture_options):
+    opt = argparse.Namespace(**{**vars(fixture_options), "sizex": 96})
+    with pytest.raises(ValueError, match="sizex=96 is not supported.*--sizex 128, or --sizex 64"):
         models.build_nets(opt)
-    with pytest.raises(ValueError, match="sizex=96"):
-        models._netGenX(sizex=96)
+    with pytest.raises(ValueError, match="sizex=32"):
+        models._netGenX(sizex=32)
+
+
+def test_sizex_64_builds_the_same_nets_for_a_quarter_of_the_pixels(fixture_options):
+    """Same parameter names (the checkpoint keys) and shapes but the generators' first layer,
+    which starts from 2x2 instead of 4x4; every net maps 64x64 images as 128x128 ones."""
+    nets = {sizex: models.build_nets(argparse.Namespace(**{**vars(fixture_options), "sizex": sizex}))
+            for sizex in (128, 64)}
+    for name, net in nets[128].items():
+        big, small = net.state_dict(), getattr(nets[64], name).state_dict()
+        assert big.keys() == small.keys()
+        reshaped = {key for key in big if big[key].shape != small[key].shape}
+        if name == "netGenX":
+            assert reshaped == {"net.%d.dense.%s" % (k, p) for k in range(2) for p in ("weight", "bias")}
+            assert small["net.0.dense.weight"].shape[0] * 4 == big["net.0.dense.weight"].shape[0]
+        else:
+            assert reshaped == set()
+    small = nets[64]
+    x = torch.randn(2, 3, 64, 64)
+    masks = small.netEncM(x)
+    assert masks.shape == (2, 2, 64, 64)
+    assert small.netGenX(masks, torch.randn(2, 2, fixture_options.nz, 1, 1)).shape == (2, 2, 3, 64, 64)
+    assert small.netDX(x).shape == (2, 1)
+    assert small.netRecZ(x).shape == (2, 2, fixture_options.nz, 1, 1)
 
 
 def test_original_class_names_and_keywords_still_work():
