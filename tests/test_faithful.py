@@ -249,6 +249,16 @@ def assert_stats_close(stats, reference, what, rel, abs_):
         assert got_abs == pytest.approx(ref_abs, rel=rel, abs=abs_), (what, key)
 
 
+def moves_like_a_bias(what, key):
+    """A bias (conftest.is_weight), or a weight of netGenX's self-attention: its gain gamma
+    starts at 0, so after one step (gamma about 2e-4) the gradients of the attention's
+    weights are 5e-9 to 2.4e-8, of the order of Adam's eps (1e-8), where a step follows the
+    gradient's exact value as a bias's does. Measured: h's weights 6.4e-6 an element apart
+    from the original's, at 1 thread on the Xeon with MKL limited to AVX2
+    (MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2)."""
+    return key.endswith("bias") or (what == "netGenX" and ".selfAtt." in key and key.endswith("weight_orig"))
+
+
 def assert_changes_close(init, final, reference, what, useSelfAttG):
     """What three iterations changed in each tensor (the change of its sum and of its sum
     of absolute values) against the same for the original. Measured with 1 and 2 threads on
@@ -256,16 +266,18 @@ def assert_changes_close(init, final, reference, what, useSelfAttG):
     for weights, 1.0e-5 for biases (Xeon: the 1-channel instance norm's of netEncM with
     nfM 4, whose gradient nearly cancels, conftest.is_weight), 7.5e-5 for the spectral-norm
     vectors u and v of 4 to 64 elements (power iterations amplify rounding); bounds twice
-    that. netGenX's free biases (conftest.is_free_bias) drift freely."""
+    that. netGenX's self-attention weights get the biases' bound (moves_like_a_bias); its
+    free biases (conftest.is_free_bias) drift freely."""
     compared, moved = 0, 0
     for key, (size, ref_init, ref_final) in reference.items():
         if what == "netGenX" and is_free_bias(key, useSelfAttG):
             continue
-        bound = size * (1.5e-4 if key.endswith(("weight_u", "weight_v")) else 3.2e-6 if is_weight(key) else 2.1e-5)
+        bound = size * (1.5e-4 if key.endswith(("weight_u", "weight_v")) else 2.1e-5 if moves_like_a_bias(what, key)
+                        else 3.2e-6)
         for k in range(2):  # sum, sum of absolute values
             ours, theirs = final[key][k] - init[key][k], ref_final[k] - ref_init[k]
             assert ours == pytest.approx(theirs, rel=0, abs=bound), (what, key, ["sum", "abs sum"][k])
-            if is_weight(key):
+            if is_weight(key) and not moves_like_a_bias(what, key):
                 compared += 1
                 moved += abs(theirs) > bound
     # the comparison tells trained weights from initial ones for many tensors (at the mask
