@@ -32,10 +32,11 @@ def test_chunked_attention_is_as_close_to_the_exact_values_as_the_plain_formula(
     exact_inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
     exact = torch.softmax(exact_inputs[0] @ exact_inputs[1].transpose(1, 2), dim=-1) @ exact_inputs[2]
     exact_grads = torch.autograd.grad(exact, exact_inputs, grad.double())
+    expected = exact.detach().float()
     chunked = models._ChunkedAttention.apply(q, k, v)
-    torch.testing.assert_close(chunked, exact.float(), rtol=0, atol=ATTENTION_OUTPUT_GAP)
+    torch.testing.assert_close(chunked, expected, rtol=0, atol=ATTENTION_OUTPUT_GAP)
     # inputs without gradient (as the discriminator step's redrawing): the matrix is not kept
-    torch.testing.assert_close(models._ChunkedAttention.apply(q.detach(), k.detach(), v.detach()), exact.float(),
+    torch.testing.assert_close(models._ChunkedAttention.apply(q.detach(), k.detach(), v.detach()), expected,
                                rtol=0, atol=ATTENTION_OUTPUT_GAP)
     for got, want in zip(torch.autograd.grad(chunked, (q, k, v), grad), exact_grads):
         torch.testing.assert_close(got, want.float(), rtol=0, atol=ATTENTION_GRADIENT_GAP)
