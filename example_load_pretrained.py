@@ -182,7 +182,7 @@ def segment_own_images(nets, opt, args, device):
             size = (image.height, image.width)
             soft = F.interpolate(masks[i:i + 1], size=size, mode="bilinear", align_corners=False)[0]
             base = os.path.join(args.outdir, name)
-            save_png((soft.argmax(0, keepdim=True) == args.region).float(), base + "_mask.png")
+            save_png((scores.most_likely_region(soft, 0) == args.region).float()[None], base + "_mask.png")
             save_png(soft[args.region:args.region + 1].clamp(0, 1), base + "_soft.png")
             if args.redraw:
                 full = TF.to_tensor(image).to(device) * 2 - 1

@@ -20,6 +20,14 @@ def foreground_assignments(nMasks):
     return [subset for r in range(1, nMasks) for subset in itertools.combinations(range(nMasks), r)]
 
 
+def most_likely_region(masks, dim=1):
+    """Each pixel's region: the index of its largest mask along `dim`, the first on ties and a
+    NaN counted largest, as argmax() gives it; max() gives the same indices some 30 times
+    faster on the CPU, where argmax() over the few regions of a (B, K, H, W) batch is slow
+    (torch 2.14; README, Speed)."""
+    return masks.max(dim).indices
+
+
 def segmentation_scores(mPred, mData):
     """Per-image accuracy and IoU of soft masks mPred (B, K, H, W) against binary ground truth
     mData (B, 1, H, W), each the best over the ways of assigning regions to the foreground.
@@ -28,7 +36,7 @@ def segmentation_scores(mPred, mData):
     two assignments are {region 0} (mPred[:, 0] >= .5) and {region 1} (mPred[:, 0] < .5):
     the original's score exactly. IoU is NaN for an image where both masks are empty.
     """
-    region = mPred.argmax(1, keepdim=True)
+    region = most_likely_region(mPred).unsqueeze(1)
     accs, ious = [], []
     for subset in foreground_assignments(mPred.size(1)):
         pred = torch.isin(region, torch.tensor(subset, device=region.device)).float()
@@ -133,14 +141,14 @@ def label_free_scores(nets, images, z, batch_size=LABEL_FREE_BATCH):
             x = images[start:start + batch_size].to(device)
             masks = nets.netEncM(x)
             k = masks.size(1)
-            region = masks.argmax(1)  # (B, H, W)
+            region = most_likely_region(masks)  # (B, H, W)
             regions = F.one_hot(region, k)  # (B, H, W, K)
             _, composites = models.redraw(nets.netGenX, x, regions.permute(0, 3, 1, 2).to(x.dtype),
                                           z[start:start + batch_size].to(device))
             real.append(nets.netDX(x).flatten())
             fake.append(nets.netDX(composites.flatten(0, 1)).flatten())
             regions = regions.unsqueeze(1).bool()  # (B, 1, H, W, K): against each composite
-            found = F.one_hot(nets.netEncM(composites.flatten(0, 1)).argmax(1), k).bool()
+            found = F.one_hot(most_likely_region(nets.netEncM(composites.flatten(0, 1))), k).bool()
             found = found.view(x.size(0), k, *x.shape[2:], k)  # (B, composite, H, W, K)
             intersection = intersection + (regions & found).sum((0, 1, 2, 3))
             union = union + (regions | found).sum((0, 1, 2, 3))

@@ -141,6 +141,20 @@ def test_region_scores_with_more_regions_take_the_best_union_of_regions():
     assert scores.min_region_size(mPred) == pytest.approx(1 / 3)
 
 
+def test_each_pixel_goes_to_its_most_likely_region_as_argmax_puts_it():
+    """The first region on ties and a NaN counted largest, in every memory layout: what
+    argmax() gives, computed by max() for speed."""
+    nan = float("nan")
+    by_hand = torch.tensor([[[[1., 2., nan, nan]], [[1., 0., 5., nan]]]])  # (1, 2 regions, 1, 4 pixels)
+    assert scores.most_likely_region(by_hand).tolist() == [[[0, 0, 0, 0]]]
+    g = torch.Generator().manual_seed(0)
+    masks = torch.randint(0, 3, (4, 3, 16, 16), generator=g).float()  # ties everywhere
+    masks[0, 1, 0, :3] = nan
+    for m in (masks, masks.transpose(2, 3), masks.contiguous(memory_format=torch.channels_last)):
+        assert torch.equal(scores.most_likely_region(m), m.argmax(1))
+    assert torch.equal(scores.most_likely_region(masks[0], 0), masks[0].argmax(0))
+
+
 @pytest.mark.parametrize("name", ["redo_small_nets_state.pth", "redo_small_nets_state.tar.gz",
                                   "redo_small_netM_state.pth", "redo_small_netM_state.tar.gz"])
 def test_published_checkpoint_formats_load_strictly(name):
