@@ -141,14 +141,14 @@ def test_region_scores_with_more_regions_take_the_best_union_of_regions():
     assert scores.min_region_size(mPred) == pytest.approx(1 / 3)
 
 
-def test_each_pixel_goes_to_its_most_likely_region_as_argmax_puts_it():
+def test_each_pixel_goes_to_its_most_likely_region_as_argmax_puts_it(test_device):
     """The first region on ties and a NaN counted largest, in every memory layout: what
     argmax() gives, computed by max() for speed."""
     nan = float("nan")
-    by_hand = torch.tensor([[[[1., 2., nan, nan]], [[1., 0., 5., nan]]]])  # (1, 2 regions, 1, 4 pixels)
+    by_hand = torch.tensor([[[[1., 2., nan, nan]], [[1., 0., 5., nan]]]], device=test_device)  # (1, 2, 1, 4)
     assert scores.most_likely_region(by_hand).tolist() == [[[0, 0, 0, 0]]]
     g = torch.Generator().manual_seed(0)
-    masks = torch.randint(0, 3, (4, 3, 16, 16), generator=g).float()  # ties everywhere
+    masks = torch.randint(0, 3, (4, 3, 16, 16), generator=g).float().to(test_device)  # ties everywhere
     masks[0, 1, 0, :3] = nan
     for m in (masks, masks.transpose(2, 3), masks.contiguous(memory_format=torch.channels_last)):
         assert torch.equal(scores.most_likely_region(m), m.argmax(1))

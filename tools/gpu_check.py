@@ -28,7 +28,7 @@ PAPER_QUICKSTART = ["--dataset", "synthetic", "--nf", "64", "--nfX", "32", "--us
 STEPS = [  # name, command, seconds allowed
     ("tests", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_devices.py",
                "tests/test_faithful.py", "tests/test_speed_options.py",
-               "-k", "device or two_training or eval_outputs or attention or compiled_iterations"], 160),
+               "-k", "device or two_training or eval_outputs or attention or compiled_iterations or most_likely"], 160),
     ("benchmark", [sys.executable, "tools/benchmark.py", "--configs", "small,paper", "--modes", "fp32,bf16,compile",
                    "--iterations", "3", "--skip-data", "--device", "cuda"], 170),
     ("training", [sys.executable, "tools/learning_curve.py", "--minutes", "3", "--"] + PAPER_QUICKSTART, 200),
