@@ -87,10 +87,8 @@ def load_given_nets(args, device):
 def check_same_shapes(opt, other, path):
     if opt is None:
         return
-    differences = utils.option_differences(other, opt, SHARED_SHAPES)
-    if differences:
-        raise UserError("%s: built for another configuration than the other weights: %s"
-                        % (path, ", ".join(differences)))
+    utils.check_same_options(other, opt, SHARED_SHAPES, "other",
+                             "%s: built for another configuration than the other weights: " % path)
 
 
 def require(nets, name, purpose):
@@ -117,7 +115,7 @@ def save_sample_grid(nets, loader, opt, device, path):
     columns = [xData * .5 + .5, mData.expand_as(xData), mPred[:, 0:1].expand_as(xData),
                (mPred[:, 1:2] >= .5).float().expand_as(xData)]
     if nets.netGenX is not None:
-        z = torch.randn(xData.size(0), opt.nMasks, opt.nz, 1, 1, device=device)
+        z = models.draw_noise(xData.size(0), opt.nMasks, opt.nz, device)
         _, composites = models.redraw(nets.netGenX, xData, mPred, z)
         columns += [composites[:, k] * .5 + .5 for k in range(opt.nMasks)]
     grid = torch.stack(columns, 1).flatten(0, 1)
@@ -177,7 +175,7 @@ def segment_own_images(nets, opt, args, device):
         x = torch.stack([to_network_input(image, opt.sizex) for image, _ in images]).to(device)
         masks = nets.netEncM(x)
         if args.redraw:
-            regions = nets.netGenX(masks, torch.randn(x.size(0), opt.nMasks, opt.nz, 1, 1, device=device))
+            regions = nets.netGenX(masks, models.draw_noise(x.size(0), opt.nMasks, opt.nz, device))
         for i, (image, name) in enumerate(images):
             size = (image.height, image.width)
             soft = F.interpolate(masks[i:i + 1], size=size, mode="bilinear", align_corners=False)[0]

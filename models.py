@@ -588,3 +588,18 @@ def build_nets(opt, device="cpu", netRecZ=None, skip_ortho_init_sn=False):
     if opt.wrecZ > 0:
         nets.netRecZ = init_weights_orthogonal(netRecZ or build_net("netRecZ", opt), opt.initOrthoGain, skip_ortho_init_sn)
     return nets.to(device)
+
+
+def draw_noise(n, nMasks, nz, device=None, generator=None):
+    """z for n images: one vector per region, (n, nMasks, nz, 1, 1), drawn from N(0, 1)."""
+    return torch.randn((n, nMasks, nz, 1, 1), device=device, generator=generator)
+
+
+COMPILE_BACKEND = "inductor"  # torch.compile's default, which generates code
+
+
+def compile_nets(nets, backend=None):
+    """--compile: torch.compile on each net, in place, so that the checkpoints keep their keys.
+    backend: COMPILE_BACKEND unless given (read at the call, so that tests can swap it)."""
+    for _, net in nets.items():
+        net.compile(backend=backend or COMPILE_BACKEND)

@@ -1,17 +1,22 @@
 """What a run tells of itself: the losses and speed of the period under way, and at each
-checkpoint a record in stats.jsonl, curves.png redrawn, TensorBoard (--tensorboard), a
-summary line on stdout and the peak memory (README, "What a run writes")."""
+checkpoint a record in stats.jsonl, curves.png redrawn, the sample grid out_%05d.png,
+TensorBoard (--tensorboard), a summary line on stdout and the peak memory (README, "What a
+run writes"; docs/stats.md)."""
 import json
 import math
 import os
 import time
 
 import torch
+import torchvision.utils as vutils
 from tqdm import tqdm
 
-from utils import UserError, append_line, atomic_write, truncate_lines, warn
+import datasets
+import models
+import runfolder
+from utils import UserError, append_line, atomic_write, remove_if_present, truncate_lines, warn
 
-STATS_FILE = "stats.jsonl"
+STATS_FILE = runfolder.STATS
 LOSS_NAMES = ("lossG", "lossD", "err_recZ")
 # the events that end a period without a checkpoint, and how curves.png marks them
 EVENT_LINES = {"rollback": "--", "restart": ":", "early_restart": ":"}
@@ -136,7 +141,7 @@ def tensorboard_writer(outf, purge_step=None):
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise UserError("--tensorboard: the tensorboard package is not installed (pip install tensorboard)") from None
-    return SummaryWriter(os.path.join(outf, "tensorboard"), purge_step=purge_step)
+    return SummaryWriter(os.path.join(outf, runfolder.TENSORBOARD), purge_step=purge_step)
 
 
 def flat_scalars(record, prefix=""):
@@ -162,6 +167,58 @@ def summary_line(record):
     return "iteration %d: %s | region sizes %s%s | label-free %.3f | %.2f it/s%s" % (
         record["iteration"], losses, sizes, iou, record["label_free"]["score"], record["iterations_per_second"],
         "".join(" | " + event for event in record["events"]))
+
+
+class SampleGrid:
+    """The fixed test images and noise shown in every out_%05d.png.
+
+    Layout, one block of nTest + 1 rows per region (the first row left black), one row per
+    test image: input, ground truth, binarized mask, soft mask, composite with the test
+    noise, then nTest composites where this region's noise is replaced by a fresh one
+    (the same fresh noise down a column).
+    """
+
+    def __init__(self, x, m, z, zn):
+        self.x, self.m, self.z, self.zn = x, m, z, zn
+
+    @classmethod
+    def draw(cls, testset, opt, device):
+        """A shuffled batch of nTest test images and its noise, drawn as the original does."""
+        x, m = next(iter(datasets.make_loader(testset, opt.nTest, opt.workers)))
+        z = models.draw_noise(opt.nTest, opt.nMasks, opt.nz, device)
+        zn = torch.randn((opt.nTest, opt.nz, 1, 1), device=device)
+        m = m[:, :1].float()
+        return cls(x.to(device), (m / m.amax(dim=(1, 2, 3), keepdim=True) * 2 - 1).to(device), z, zn)
+
+    def state_dict(self):
+        return {"x": self.x, "m": self.m, "z": self.z, "zn": self.zn}
+
+    @torch.no_grad()
+    def render(self, nets):
+        """(nMasks * (nTest + 1) * (nTest + 5), C, H, W) images in [-1, 1]."""
+        x, nTest = self.x, self.x.size(0)
+        masks = nets.netEncM(x)
+        nMasks = masks.size(1)
+        grid = torch.full((nMasks, nTest + 1, nTest + 5) + x.shape[1:], -1.0, device=x.device)
+        grid[:, 1:, 0] = x
+        grid[:, 1:, 1] = self.m
+        soft = masks.transpose(0, 1).unsqueeze(2) * 2 - 1  # (nMasks, nTest, 1, H, W)
+        grid[:, 1:, 3] = soft
+        grid[:, 1:, 2] = torch.sign(soft)
+        grid[:, 1:, 4] = models.redraw(nets.netGenX, x, masks, self.z)[1].transpose(0, 1)
+        for k, generator in enumerate(nets.netGenX.net):
+            mask = masks[:, k:k + 1]
+            for i in range(nTest):
+                zn = self.zn[i].expand_as(self.z[:, k])
+                grid[k, 1:, i + 5] = generator(mask, zn, zn) + (1 - mask) * x
+        return grid.flatten(0, 2)
+
+    def save(self, nets, path):
+        """Render and write the grid; returns the picture (3, H, W) in [0, 1]."""
+        picture = vutils.make_grid(self.render(nets), nrow=self.x.size(0) + 5, normalize=True, value_range=(-1, 1))
+        atomic_write(path, lambda f: vutils.save_image(picture, f, format="png"))
+        return picture
+
 
 
 def peak_memory_mb(device):
@@ -194,14 +251,6 @@ class Monitor:
         self.start_period()
 
     @classmethod
-    def fresh(cls, opt, device, log, writes):
-        """A new run's: the log and curves of a run this one replaces are removed."""
-        for name in (STATS_FILE, "curves.png"):
-            if writes and os.path.exists(os.path.join(opt.outf, name)):
-                os.remove(os.path.join(opt.outf, name))
-        return cls(opt, device, log, writes)
-
-    @classmethod
     def resumed(cls, opt, device, log, writes, resume):
         """A resumed run's: stats.jsonl back to the checkpoint's record, and the period it was
         saved in (a stop between two checkpoints) going on."""
@@ -209,10 +258,9 @@ class Monitor:
         if writes and resume["stats"] is not None:
             records = continue_stats(os.path.join(opt.outf, STATS_FILE), resume["datLines"][STATS_FILE],
                                      resume["stats"])
-        elif writes and os.path.exists(os.path.join(opt.outf, STATS_FILE)):
-            os.remove(os.path.join(opt.outf, STATS_FILE))  # saved before the first record
+        elif writes:
+            remove_if_present(os.path.join(opt.outf, STATS_FILE))  # saved before the first record
         monitor = cls(opt, device, log, writes, records)
-        monitor.events.append("resume")
         monitor.period_losses.load_state_dict(resume["period"]["losses"])
         monitor.period_iterations = resume["period"]["iterations"]
         monitor.period_start -= resume["period"]["seconds"]
@@ -272,7 +320,7 @@ class Monitor:
         self.records.append(record)
         self.events = []
         self.start_period()
-        plot_curves(self.records, os.path.join(self.outf, "curves.png"), self.threshold)
+        plot_curves(self.records, os.path.join(self.outf, runfolder.CURVES), self.threshold)
         if self.writer is not None:
             for name, value in flat_scalars(record).items():
                 self.writer.add_scalar(name, value, record["step"])

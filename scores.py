@@ -101,7 +101,7 @@ def label_free_inputs(valset, nMasks, nz):
     (from a generator of its own: the run's random streams are not touched)."""
     n = min(LABEL_FREE_IMAGES, len(valset))
     images = torch.stack([valset[i][0] for i in range(n)])
-    noise = torch.randn((n, nMasks, nz, 1, 1), generator=torch.Generator().manual_seed(0))
+    noise = models.draw_noise(n, nMasks, nz, generator=torch.Generator().manual_seed(0))
     return images, noise
 
 

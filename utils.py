@@ -2,6 +2,7 @@
 and the nets built from one, eval mode, files written atomically, random states."""
 import argparse
 import contextlib
+import ctypes
 import io
 import os
 import pickle
@@ -67,6 +68,29 @@ def resolve_device(name=None):
     return name
 
 
+def tune_for_device(device):
+    """Execution settings that change no number: cuDNN picks its fastest convolutions on a
+    GPU; on the CPU, freed memory is kept for reuse (keep_freed_memory)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    elif device.type == "cpu":
+        keep_freed_memory()
+
+
+def keep_freed_memory():
+    """Let glibc's malloc keep freed memory in the process instead of returning it to the
+    system. Each iteration frees and allocates again the same large activations; served by
+    fresh mmap'd pages, every one of them costs a page fault and the kernel zeroing it
+    (docs/speed.md says what this saves and costs). No effect outside glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from malloc.h
+    libc.mallopt(M_MMAP_MAX, 0)        # large blocks from the heap, where freed ones are reused
+    libc.mallopt(M_TRIM_THRESHOLD, -1)  # never hand the heap's free top back to the system
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 def _read_archived_pth(path):
@@ -125,19 +149,31 @@ def option_differences(opt, other, keys, other_name="other"):
             for key in keys if getattr(opt, key, None) != getattr(other, key, None)]
 
 
+def check_same_options(opt, other, keys, other_name, before, after=""):
+    """A UserError `before` + the differences (option_differences) + `after`, if there are any."""
+    differences = option_differences(opt, other, keys, other_name)
+    if differences:
+        raise UserError(before + ", ".join(differences) + after)
+
+
+def load_weights(net, state, name, path="checkpoint"):
+    """net's weights from a checkpoint's state[name], loaded strictly: a missing net or one of
+    another shape is a UserError naming the file."""
+    if name not in state:
+        raise UserError("%s: has no %s (it holds %s)" % (path, name, ", ".join(k for k in state if k.startswith("net"))))
+    try:
+        net.load_state_dict(state[name], strict=True)
+    except RuntimeError as e:
+        raise UserError("%s: %s does not fit the configuration in its options: %s"
+                        % (path, name, str(e).splitlines()[1].strip() if "\n" in str(e) else e)) from None
+    return net
+
+
 def load_nets(state, names, device="cpu", path="checkpoint"):
     """Build the named nets from a checkpoint's options and load their weights strictly, in eval mode."""
-    opt = state["options"]
     nets = models.ReDONets()
     for name in names:
-        if name not in state:
-            raise UserError("%s: has no %s (it holds %s)" % (path, name, ", ".join(k for k in state if k.startswith("net"))))
-        net = models.build_net(name, opt, device)
-        try:
-            net.load_state_dict(state[name], strict=True)
-        except RuntimeError as e:
-            raise UserError("%s: %s does not fit the configuration in its options: %s"
-                            % (path, name, str(e).splitlines()[1].strip() if "\n" in str(e) else e)) from None
+        net = load_weights(models.build_net(name, state["options"], device), state, name, path)
         setattr(nets, name, net.eval())
     return nets
 
@@ -178,8 +214,7 @@ def atomic_write(path, write):
         raise UserError("%s: cannot write it (%s); the files already there are unchanged"
                         % (path, cause.strerror or cause)) from e
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        remove_if_present(tmp)
 
 
 def os_error_behind(error):
@@ -188,6 +223,11 @@ def os_error_behind(error):
     while error is not None and not isinstance(error, OSError):
         error = error.__context__
     return error
+
+
+def remove_if_present(path):
+    if os.path.exists(path):
+        os.remove(path)
 
 
 def atomic_save(obj, path):

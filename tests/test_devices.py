@@ -12,6 +12,7 @@ import torch
 import datasets
 import models
 import monitor
+import options
 import train
 import utils
 from conftest import SMALL_RUN, named_tensors, run_process, run_script
@@ -98,7 +99,7 @@ def test_checkpoints_load_onto_the_target_device(weights_from_cuda):
 
 def test_cudnn_picks_its_fastest_convolutions_on_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    train.tune_for_device(torch.device("cuda"))
+    utils.tune_for_device(torch.device("cuda"))
     assert torch.backends.cudnn.benchmark
 
 
@@ -110,7 +111,7 @@ def test_a_run_on_the_device_pins_its_batches_and_continues_a_cpu_checkpoint(min
              "--checkpointFreq", "2", "--manualSeed", "3", *SMALL_RUN]
     run_script("train.py", *flags, "--nIteration", 1, cwd=tmp_path)
     on_device = [a if a != "cpu" else str(test_device) for a in flags]
-    opt, start = train.resolve_options(train.make_parser().parse_args(on_device + ["--iteration", "2"]))
+    opt, start = options.resolve_options(options.make_parser().parse_args(on_device + ["--iteration", "2"]))
     run = train.TrainingRun(opt, start)
     assert run.trainloader.pin_memory == run.genData.loader.pin_memory == (test_device.type == "cuda")
     if test_device.type == "cuda":

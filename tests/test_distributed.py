@@ -11,15 +11,15 @@ import pytest
 import torch
 
 import datasets
+import distributed
 import monitor
-import train
 import utils
 from conftest import ROOT, assert_same_checkpoint, assert_weights_retrace, run_script
 
 RANK_SCRIPT = """
 import sys, torch
 sys.path.insert(0, %(root)r)
-import datasets, scores, train, utils
+import datasets, distributed, options, scores, train, utils
 sys.path.insert(0, %(tests)r)
 from test_distributed import log_batches
 argv = sys.argv[1:]
@@ -35,8 +35,8 @@ if %(signal_at)r:  # (rank, iteration, signal): that rank's first start sends it
             os.kill(os.getpid(), signal.Signals[%(signal_at)r[2]])
         return iterate(nets, optimizers, xData, xReal, zData, opt, iteration, *rest)
     train.training_iteration = training_iteration
-opt, start = train.resolve_options(train.make_parser().parse_args(argv), train.explicit_flags(argv))
-dist = train.Distributed.from_environment(opt)
+opt, start = options.resolve_options(options.make_parser().parse_args(argv), options.explicit_flags(argv))
+dist = distributed.Distributed.from_environment(opt)
 batches = log_batches(datasets.ShardedBatchSampler)
 run = train.train(opt, start, dist)
 torch.save({"nets": {name: net.state_dict() for name, net in run.nets.items()}, "batches": batches,
@@ -230,7 +230,7 @@ def test_the_stop_is_agreed_over_a_cpu_group_on_gpus(monkeypatch):
     monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "nccl")
     monkeypatch.setattr(torch.distributed, "new_group", lambda backend: "a gloo group" if backend == "gloo" else None)
     opt = argparse.Namespace(batchSize=4, device="cuda")
-    dist = train.Distributed.from_environment(opt)
+    dist = distributed.Distributed.from_environment(opt)
     assert (dist.rank, dist.world, opt.device, dist.flags) == (1, 2, "cuda:1", "a gloo group")
     reduced = []
     monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor, op, group: reduced.append(

@@ -8,14 +8,15 @@ import torch.nn.functional as F
 
 import minidata
 import models
+import options
+import runfolder
 import scores
-import train
 import utils
 from conftest import SMALL_RUN, assert_same_tensors, run_script
 
 
 def small_nets_and_inputs(n=6):
-    opt = train.options_for("--dataset", "synthetic", "--nf", 4, "--nfM", 8, "--device", "cpu")
+    opt = options.options_for("--dataset", "synthetic", "--nf", 4, "--nfM", 8, "--device", "cpu")
     torch.manual_seed(0)
     nets = models.build_nets(opt, torch.device("cpu"), skip_ortho_init_sn=opt.skipOrthoInitSN)
     generator = torch.Generator().manual_seed(1)
@@ -156,7 +157,7 @@ def test_a_folder_without_masks_keeps_its_best_label_free_checkpoint_and_it_load
     with open(outf / "stats.jsonl") as f:
         assert [json.loads(line)["label_free"]["score"] for line in f] == [0.2, 0.6, 0.4, 0.1]
     saved = utils.load_checkpoint(outf / "best_unsupervised.pth")
-    assert saved["options"].iteration == 4 and train.Progress.of_checkpoint(saved).bestLabelFree == 0.6
+    assert saved["options"].iteration == 4 and runfolder.Progress.of_checkpoint(saved).bestLabelFree == 0.6
     state = utils.load_checkpoint(outf / "state_00004.pth")
     nets = ("netEncM", "netGenX", "netDX", "netRecZ")
     assert_same_tensors({name: saved[name] for name in nets}, {name: state[name] for name in nets})

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import monitor
-import train
+import runfolder
 import utils
 from conftest import (PROCESS_ENV, PROCESS_THREADS, ROOT, SMALL_RUN, assert_same_checkpoint, one_line_error,
                       run_process, run_script, trained)
@@ -129,7 +129,7 @@ def test_kill_during_a_save_leaves_a_complete_file(tmp_path):
         process.wait(timeout=60)
         state = torch.load(path)
         assert torch.equal(state["x"], torch.arange(4_000_000, dtype=torch.float32))
-        assert train.checkpoint_files(str(tmp_path)) == [str(path)]  # what --resume would choose from
+        assert runfolder.checkpoint_files(str(tmp_path)) == [str(path)]  # what --resume would choose from
         leftovers |= set(os.listdir(tmp_path)) - {path.name}
     assert leftovers, "no kill landed inside a save: nothing was checked"
 

@@ -10,6 +10,7 @@ import torch
 
 import datasets
 import models
+import options
 import scores
 import train
 import utils
@@ -78,7 +79,7 @@ def test_fused_convolutions_equal_the_original_layers_in_value_and_gradient():
 
 
 def small_options():
-    return train.options_for("--nz", 8, "--nResM", 1, "--nf", 4, "--useSelfAttD", "--useSelfAttG", "--device", "cpu",
+    return options.options_for("--nz", 8, "--nResM", 1, "--nf", 4, "--useSelfAttD", "--useSelfAttG", "--device", "cpu",
                             "--manualSeed", 1)
 
 
@@ -87,7 +88,7 @@ def losses_of_iterations(precision, compile_backend=None, iterations=3, device=t
     torch.manual_seed(0)
     nets = models.build_nets(opt, device)
     if compile_backend:
-        train.compile_nets(nets, compile_backend)
+        models.compile_nets(nets, compile_backend)
     optimizers = train.make_optimizers(nets, opt)
     g = torch.Generator().manual_seed(1)
     history = []
@@ -238,7 +239,7 @@ def test_amp_flag_trains_in_bf16_and_is_saved(amp, dtype, minidata_root, tmp_pat
 def test_compile_flag_compiles_the_nets_and_saves_plain_checkpoints(minidata_root, tmp_path, monkeypatch):
     """train.py --compile, with torch.compile's graph capture but no code generation (the
     'eager' backend): every net compiled, the run as the uncompiled one, the original's keys."""
-    monkeypatch.setattr(train, "COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(models, "COMPILE_BACKEND", "eager")
     seen = spy_on_iterations(monkeypatch)
     args = ["--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--nIteration", 1,
             "--checkpointFreq", 2, "--manualSeed", 3, *SMALL_RUN]
@@ -257,10 +258,10 @@ def test_compile_flag_compiles_the_nets_and_saves_plain_checkpoints(minidata_roo
 
 PAGE_FAULTS_OF_ITERATIONS = """
 import resource, sys, torch
-if sys.argv[1] == "tuned":  # (train is imported only here: its import costs the other child a second)
+if sys.argv[1] == "tuned":  # (utils is imported only here: its import costs the other child a second)
     sys.path.insert(0, %r)
-    import train
-    train.tune_for_device(torch.device("cpu"))
+    import utils
+    utils.tune_for_device(torch.device("cpu"))
 
 def iteration():  # like a training iteration: large activations alive together, then all freed
     activations = [torch.ones(2 ** 24 * (1 + i %% 3)) for i in range(6)]  # 64 to 192 MB each
@@ -276,7 +277,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, " ".join(othe
 """
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="train.keep_freed_memory tunes glibc's malloc")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="utils.keep_freed_memory tunes glibc's malloc")
 def test_training_on_the_cpu_reuses_freed_memory_instead_of_faulting_it_in_again():
     script = PAGE_FAULTS_OF_ITERATIONS % ROOT
     faults = {}
@@ -284,7 +285,7 @@ def test_training_on_the_cpu_reuses_freed_memory_instead_of_faulting_it_in_again
         count, *allocators = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True,
                                             check=True, timeout=300).stdout.split()
         if allocators:
-            pytest.skip("malloc is %s's here, not glibc's, which train.keep_freed_memory tunes" % allocators[0])
+            pytest.skip("malloc is %s's here, not glibc's, which utils.keep_freed_memory tunes" % allocators[0])
         faults[mode] = int(count)
     if faults["default"] <= 1000:
         pytest.skip("glibc's malloc already reuses freed memory here (%d page faults untuned): nothing to save"

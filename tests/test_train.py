@@ -14,6 +14,8 @@ from PIL import Image
 
 import datasets
 import models
+import options
+import runfolder
 import scores
 import train
 import utils
@@ -168,12 +170,13 @@ def test_auto_restart_only_up_to_iteration_7000(iteration, restarts, minidata_ro
     outf = tmp_path / "out"
     common, state = collapsed_checkpoint(minidata_root, outf, [])
     argv = [str(a) for a in common] + ["--autoRestart", "0.1", "--iteration", "2"]
-    opt, _ = train.resolve_options(train.make_parser().parse_args(argv), train.explicit_flags(argv))
+    opt, _ = options.resolve_options(options.make_parser().parse_args(argv), options.explicit_flags(argv))
     run = train.TrainingRun(opt, (str(outf / "state_00002.pth"), state))
     run.progress.iteration = iteration
     output = io.StringIO()
     with contextlib.redirect_stdout(output):
-        assert run.recovery_action(run.score(), run.label_free_score()) == ("restart" if restarts else None)
+        assert train.recovery_action(opt, run.progress, run.score(), run.label_free_score()) == (
+            "restart" if restarts else None)
     assert "Training appear to have collapsed." in output.getvalue()
     assert ("Reinitializing training." in output.getvalue()) == restarts
 
@@ -203,7 +206,7 @@ def test_restart_draws_fresh_nets_in_the_original_order_and_reinitialises_netRec
     re-initialised in place (all of its weights: see README, differences), drawing after them."""
     argv = ["--dataset", "flowers", "--dataroot", str(minidata_root / "flowers"), "--outf", str(tmp_path),
             "--manualSeed", "5"] + SMALL_RUN
-    opt, _ = train.resolve_options(train.make_parser().parse_args(argv), train.explicit_flags(argv))
+    opt, _ = options.resolve_options(options.make_parser().parse_args(argv), options.explicit_flags(argv))
     run = train.TrainingRun(opt)
     for _ in range(2):
         run.train_one_iteration()
@@ -275,7 +278,7 @@ def test_rollbacks_go_back_one_checkpoint_further_each_time_in_a_row_and_go_on(m
     assert records[3]["losses"] != records[2]["losses"]  # the two periods from 4 to 6 drew differently
     assert sorted(p.name for p in outf.glob("state_*.pth")) == ["state_00006.pth", "state_00008.pth",
                                                                 "state_00010.pth"]
-    progress = train.Progress.of_checkpoint(utils.load_checkpoint(outf / "state_00010.pth"))
+    progress = runfolder.Progress.of_checkpoint(utils.load_checkpoint(outf / "state_00010.pth"))
     assert (progress.rollbacks, progress.rollbacksInARow, progress.collapsedAt) == (2, 0, 6)
 
 
@@ -288,7 +291,7 @@ def test_early_restart_leaves_a_start_that_scores_low_at_its_first_checkpoint(re
     restarts from scratch, nothing of it saved, while restarts are left; nothing else restarts."""
     real_scores, chosen = scores.label_free_scores, iter(refound)
     monkeypatch.setattr(scores, "label_free_scores", lambda *args: real_scores(*args)._replace(refound=next(chosen)))
-    monkeypatch.setattr(train, "EARLY_RESTARTS", 2)
+    monkeypatch.setattr(options, "EARLY_RESTARTS", 2)
     outf = tmp_path / "out"
     result = run_script("train.py", "--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--outf", outf,
                         "--nIteration", 10 - 2 * restarted, "--checkpointFreq", 2, "--manualSeed", 3,
@@ -303,7 +306,7 @@ def test_early_restart_leaves_a_start_that_scores_low_at_its_first_checkpoint(re
         [(2 * k + 2, 2 * (k + restarted) + 2, []) for k in range(5 - restarted)]
     assert sorted(p.name for p in outf.glob("state_*.pth")) == ["state_%05d.pth" % (2 * k + 2)
                                                                 for k in range(5 - restarted)]
-    assert train.Progress.of_checkpoint(utils.load_checkpoint(max(outf.glob("state_*.pth")))).earlyRestarts == restarted
+    assert runfolder.Progress.of_checkpoint(utils.load_checkpoint(max(outf.glob("state_*.pth")))).earlyRestarts == restarted
 
 
 def test_rollback_needs_the_collapse_test(minidata_root, tmp_path):
@@ -331,14 +334,14 @@ def test_a_rollback_loads_its_checkpoint_and_goes_on_with_fresh_noise_and_data_o
     not what resuming that checkpoint would replay."""
     argv = ["--dataset", "flowers", "--dataroot", str(minidata_root / "flowers"), "--outf", str(tmp_path),
             "--manualSeed", "5", "--checkpointFreq", "2", "--autoRestart", "0.1", "--rollback", "2"] + SMALL_RUN
-    opt, _ = train.resolve_options(train.make_parser().parse_args(argv), train.explicit_flags(argv))
+    opt, _ = options.resolve_options(options.make_parser().parse_args(argv), options.explicit_flags(argv))
     run = train.TrainingRun(opt)
     for _ in range(2):
         run.train_one_iteration()
     run.save_checkpoint()
     for _ in range(2):  # on past it, to the middle of an epoch (3 batches of 2 images)
         run.train_one_iteration()
-    path = run.rollback_target()
+    path = runfolder.rollback_target(opt.outf, run.progress.rollbacksInARow)
     assert path == str(tmp_path / "state_00002.pth")
     target = utils.load_checkpoint(path)
     run.rollback()
@@ -385,7 +388,7 @@ def test_an_early_restart_starts_from_fresh_nets_and_keeps_nothing_of_the_abando
 
     def restore_and_look(states, *args):
         decisions.append((states["torch"].clone(), sorted(os.listdir(outf)),
-                          [(outf / name).read_text() for name in train.DAT_FILES if (outf / name).exists()]))
+                          [(outf / name).read_text() for name in runfolder.DAT_FILES if (outf / name).exists()]))
         return restore(states, *args)
 
     monkeypatch.setattr(utils, "restore_rng_states", restore_and_look)
@@ -399,7 +402,7 @@ def test_an_early_restart_starts_from_fresh_nets_and_keeps_nothing_of_the_abando
     monkeypatch.setattr(train.TrainingRun, "train_one_iteration", iteration)
     flags = ["--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--outf", outf, "--checkpointFreq", 2,
              "--manualSeed", 3, "--earlyRestart", 0.5] + SMALL_RUN
-    opt = train.options_for(*flags)
+    opt = options.options_for(*flags)
     run_script("train.py", *flags, "--nIteration", 1, cwd=tmp_path)
     assert [iteration for iteration, _ in before] == [0, 1, 0, 1]  # the abandoned start, then the next
     rng, files, dat_files = decisions[0]

@@ -42,11 +42,11 @@ CONFIGS = {
 }
 
 
-def options(config):
+def config_options(config):
     """train.py's options for a configuration, through its parser."""
-    import train
+    import options
     c = CONFIGS[config]
-    return train.options_for("--nf", c["nf"], "--nfX", c["nfX"], "--batchSize", c["batchSize"], "--useSelfAttD",
+    return options.options_for("--nf", c["nf"], "--nfX", c["nfX"], "--batchSize", c["batchSize"], "--useSelfAttD",
                              "--useSelfAttG", "--device", "cpu", "--manualSeed", 1)
 
 
@@ -92,17 +92,18 @@ def measure_iterations(config, mode, impl, iterations, device):
     import models
     import monitor
     import train
-    opt = options(config)
+    import utils
+    opt = config_options(config)
     torch.manual_seed(0)
     if impl == "ours":
-        train.tune_for_device(torch.device(device))  # as train.py does
+        utils.tune_for_device(torch.device(device))  # as train.py does
     nets = original_nets(impl, opt, device) if impl != "ours" else models.build_nets(opt, device)
     if mode == "compile":
-        train.compile_nets(nets)
+        models.compile_nets(nets)
     optimizers = train.make_optimizers(nets, opt, fused=impl == "ours")  # the original's Adam is unfused
     B = opt.batchSize
     x, xr = torch.rand(B, 3, 128, 128, device=device) * 2 - 1, torch.rand(B, 3, 128, 128, device=device) * 2 - 1
-    z = torch.randn(B, 2, opt.nz, 1, 1, device=device)
+    z = models.draw_noise(B, 2, opt.nz, device)
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=mode == "bf16")
     times = []
     warmup = 2 if mode == "compile" else 1
@@ -157,7 +158,7 @@ def measure_evaluation(config, device):
     (500 iterations, Flowers' 6149 + 1020 images scored) that evaluation takes."""
     import models
     import scores
-    opt = options(config)
+    opt = config_options(config)
     netEncM = models.build_nets(opt, device).netEncM
     batches = [(torch.rand(opt.batchSize, 3, 128, 128) * 2 - 1, torch.ones(opt.batchSize, 1, 128, 128))] * 5
     start = time.perf_counter()
@@ -202,11 +203,11 @@ def measure_flops(config):
     from torch.utils.flop_counter import FlopCounterMode
     import models
     import train
-    opt = options(config)
+    opt = config_options(config)
     nets = models.build_nets(opt)
     optimizers = train.make_optimizers(nets, opt, fused=False)
     x = torch.rand(opt.batchSize, 3, 128, 128) * 2 - 1
-    z = torch.randn(opt.batchSize, opt.nMasks, opt.nz, 1, 1)
+    z = models.draw_noise(opt.batchSize, opt.nMasks, opt.nz)
     with FlopCounterMode(display=False) as counter:
         train.training_iteration(nets, optimizers, x, x, z, opt, 0)
     return counter.get_total_flops()
@@ -285,9 +286,10 @@ def profile_iterations(config, iterations, warmup):
     should be even (--dStepFreq 2)."""
     from torch.profiler import ProfilerActivity, profile
     from torch.utils.flop_counter import FlopCounterMode
+    import options
     import train
     with tempfile.TemporaryDirectory() as outf, labelled_in_models():
-        opt = train.options_for(*PROFILED[config], "--device", "cpu", "--manualSeed", 1, "--silent", "--outf", outf)
+        opt = options.options_for(*PROFILED[config], "--device", "cpu", "--manualSeed", 1, "--silent", "--outf", outf)
         run = train.TrainingRun(opt)
         for stream in ("genData", "disData"):
             setattr(run, stream, LabelledStream(getattr(run, stream), "data"))

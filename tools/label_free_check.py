@@ -27,7 +27,8 @@ sys.path.insert(0, ROOT)
 import datasets  # noqa: E402
 import monitor  # noqa: E402
 import scores  # noqa: E402
-import train  # noqa: E402
+import options  # noqa: E402
+import runfolder  # noqa: E402
 import utils  # noqa: E402
 
 
@@ -84,9 +85,9 @@ def report(runs, test_folder):
         row = [run, str(len(saved)), " / ".join("%.2f" % spearman(saved, key) for key in COMPARED),
                first_reaching(records, 0.8),
                ", ".join(str(events.count(event)) for event in UNSAVED_EVENTS)]
-        last = train.newest_first(train.checkpoint_files(run))[0]
-        for path in (os.path.join(run, train.BEST_LABEL_FREE), os.path.join(run, "best.pth"), last):
-            opt = train.complete_options(utils.load_checkpoint(path, "cpu")["options"])
+        last = runfolder.newest_first(runfolder.checkpoint_files(run))[0]
+        for path in (os.path.join(run, runfolder.BEST_LABEL_FREE), os.path.join(run, "best.pth"), last):
+            opt = options.complete_options(utils.load_checkpoint(path, "cpu")["options"])
             row.append("%.3f (%d)" % (test_iou(path, opt, test_folder), opt.iteration))
         print("| " + " | ".join(row) + " |", flush=True)
     print("all %d checkpoints together: Spearman %s" % (len(pooled), " / ".join(
@@ -103,8 +104,8 @@ def rescore(runs, test_folder):
     for run in runs:
         logged, _ = monitor.read_stats(os.path.join(run, monitor.STATS_FILE))
         val_iou = {r["iteration"]: r["val_iou"] for r in saved_records(logged)}  # the last one saved
-        paths = sorted(train.checkpoint_files(run))
-        opt = train.complete_options(utils.load_checkpoint(paths[0], "cpu")["options"])
+        paths = sorted(runfolder.checkpoint_files(run))
+        opt = options.complete_options(utils.load_checkpoint(paths[0], "cpu")["options"])
         valset = datasets.make_dataset(opt.dataset, opt.dataroot, "val", opt.sizex, opt.maskroot)
         images, noise = scores.label_free_inputs(valset, opt.nMasks, opt.nz)
         records = []
