@@ -37,22 +37,23 @@ SHARED_SHAPES = ("sizex", "nx", "nz", "nMasks")  # what nets loaded from differe
 def make_parser():
     p = argparse.ArgumentParser(description="Segment and redraw with pretrained ReDO weights.",
                                 formatter_class=utils.HelpFormatter)
-    p.add_argument('--batch_size', type=int, default=40, help='number of images per batch (and in out.png)')
+    p.add_argument('--batchSize', '--batch_size', dest='batch_size', type=int, default=40, metavar='BATCHSIZE',
+                   help="number of images per batch (and in out.png); --batch_size: the original's name")
     p.add_argument('--device', default=None, help='cpu | cuda | cuda:N (default: cuda if available, else cpu)')
     p.add_argument('--statePath', default=None, help='weights of all nets in one file (.pth or .tar.gz)')
-    p.add_argument('--statePathM', default=None, help='weights of the mask extractor (netM)')
-    p.add_argument('--statePathX', default=None, help='weights of the region generators (netX)')
-    p.add_argument('--statePathZ', default=None, help='weights of the noise reconstructor (netZ)')
-    p.add_argument('--statePathD', default=None, help='weights of the discriminator (netD)')
+    p.add_argument('--statePathM', default=None, help='weights of the mask extractor (netEncM)')
+    p.add_argument('--statePathX', default=None, help='weights of the region generators (netGenX)')
+    p.add_argument('--statePathZ', default=None, help='weights of the noise reconstructor (netRecZ)')
+    p.add_argument('--statePathD', default=None, help='weights of the discriminator (netDX)')
     p.add_argument('--dataroot', default=None,
                    help='path to the dataset the weights were trained on (none for synthetic)')
     p.add_argument('--dataset', default=None, help="dataset at --dataroot (default: the checkpoint's)")
     p.add_argument('--maskroot', default=None,
                    help='--dataset folder: folder of ground-truth masks, to --score your own labelled images')
     p.add_argument('--split', default=None, choices=datasets.SPLITS,
-                   help='split to draw images from (default as the original: test for lfw, train otherwise)')
+                   help='split to draw images from (default: test for lfw, train otherwise, as the original)')
     p.add_argument('--out', default='out.png', help='where to write the sample grid')
-    p.add_argument('--score', action='store_true', help='print accuracy and IoU of netM over the whole split')
+    p.add_argument('--score', action='store_true', help='print accuracy and IoU of netEncM over the whole split')
     p.add_argument('--images', nargs='+', default=None, help='your own images: files or folders')
     p.add_argument('--outdir', default='segmentations', help='where the masks of --images go')
     p.add_argument('--region', type=int, default=0, help='region whose masks are written for --images')
@@ -197,7 +198,7 @@ def segment_own_images(nets, opt, args, device):
 def run(args):
     device = utils.resolve_device(args.device)
     if args.batch_size < 1:
-        raise UserError("--batch_size %d: expected a positive number" % args.batch_size)
+        raise UserError("--batchSize %d: expected a positive number" % args.batch_size)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     nets, opt = load_given_nets(args, device)

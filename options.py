@@ -3,6 +3,7 @@ the checkpoint --resume continues), and the checks of those options made before 
 import argparse
 import os
 import random
+import textwrap
 from dataclasses import fields
 
 import augment
@@ -16,83 +17,184 @@ RESTARTS_UNTIL = 7000  # the original restarts after a collapse up to this itera
 EARLY_RESTARTS = 5  # at most, in a run: each costs a checkpoint period
 
 
+PRESETS = {
+    "cpu": dict(
+        flags="--nf 8 --nfM 32 --batchSize 8 --lrM 2e-4 --dStepFreq 2 --autoRestart .05 --rollback 3 "
+              "--earlyRestart .55 --checkpointFreq 100 --nTrainScore 200 --clean --cacheData --workers 1",
+        purpose="a first run on a CPU: small nets (nf 8; netEncM 32, for its quarter-width layers), a faster "
+                "netEncM (lrM 2e-4) against a discriminator stepped every other iteration, checkpoints every 100 "
+                "iterations with the recoveries on",
+        measured="synthetic, seeds 1-5, 2-core CPU: val IoU 0.8 in 10-12 min (4 of 5), label-free choice 0.80-0.85 "
+                 "test IoU (docs/quickstart.md)"),
+    "cpu-photos": dict(
+        flags="--nf 16 --nfM 32 --batchSize 8 --lrM 2e-4 --dStepFreq 2 --hflip --diffAugment translation,cutout "
+              "--autoRestart .05 --rollback 3 --earlyRestart .55 --checkpointFreq 100 --nTrainScore 200 --clean "
+              "--cacheData --workers 1",
+        purpose="a few hundred of your own photos on a CPU: cpu's recipe with nf 16 and flips and DiffAugment "
+                "against a discriminator that learns few images by heart",
+        measured="164 horse photos, seeds 1-3, 1 h on a 2-core CPU: best IoU 0.48-0.52, 0.05-0.09 above a "
+                 "fixed ellipse (docs/own-photos.md)"),
+    "paper": dict(
+        flags={"flowers": "--nfX 32 --useSelfAttG --useSelfAttD --clean",
+               "lfw": "--useSelfAttG --useSelfAttD --clean",
+               "cub": "--useSelfAttG --useSelfAttD --clean --autoRestart .1"},
+        purpose="the paper's runs for --dataset flowers, lfw or cub, as the authors give them (a GPU)",
+        measured="the paper: Flowers 0.879 / 0.764, CUB 0.845 / 0.426 (accuracy / IoU); not measured here"),
+}
+"""--preset NAME: a group of flags; any flag given on the command line wins."""
+
+
+def preset_flags(name, dataset):
+    """The flags (a list of strings) --preset `name` sets for `dataset`."""
+    if name not in PRESETS:
+        raise UserError("--preset %s: unknown preset (expected one of %s)" % (name, ", ".join(PRESETS)))
+    flags = PRESETS[name]["flags"]
+    if isinstance(flags, dict):
+        if dataset not in flags:
+            raise UserError("--preset %s is made for --dataset %s, not %s" % (name, ", ".join(flags), dataset))
+        flags = flags[dataset]
+    return flags.split()
+
+
+def apply_preset(opt, explicit):
+    """opt with its preset's flags, except those given on the command line (`explicit`);
+    returns the flags now set explicitly, the preset's included."""
+    if opt.preset is None:
+        return set(explicit)
+    flags = preset_flags(opt.preset, opt.dataset)
+    preset = make_parser().parse_args(flags)
+    from_preset = explicit_flags(flags) - set(explicit)
+    for name in from_preset:
+        setattr(opt, name, getattr(preset, name))
+    return set(explicit) | from_preset
+
+
+def presets_table(width=100):
+    """The presets, for --help's epilog: each one's purpose, flags and what it measured."""
+    lines = []
+    for name, preset in PRESETS.items():
+        flags = preset["flags"]
+        if isinstance(flags, dict):
+            flags = "; ".join("%s: %s" % item for item in flags.items())
+        lines += textwrap.wrap("%s: %s." % (name, preset["purpose"]), width, initial_indent="  ",
+                               subsequent_indent="      ")
+        for text in (flags, "measured: " + preset["measured"]):
+            lines += textwrap.wrap(text, width, initial_indent="      ", subsequent_indent="      ",
+                                   break_on_hyphens=False)
+    return "\n".join(lines)
+
+
+EPILOG = """presets (--preset NAME; any flag given wins):
+%s
+
+examples:
+  python train.py --dataset synthetic --outf out --preset cpu          # no download; a CPU
+  python train.py --dataset folder --dataroot my_images --outf out --preset cpu-photos
+  python train.py --dataset flowers --dataroot FLOWERS --outf out --preset paper   # a GPU
+  torchrun --nproc_per_node=4 train.py ...  (--batchSize is the global batch; README, torchrun)
+"""
+
+
 def make_parser():
     p = argparse.ArgumentParser(description="Train ReDO (unsupervised object segmentation by redrawing).",
-                                formatter_class=utils.HelpFormatter)
-    p.add_argument('--dataset', default="flowers",
-                   help='flowers | cub | lfw | cmnist | synthetic (built in, no download) | folder (your images) '
-                        '| lfw+flowers (--dataroot LFW_ROOT,FLOWERS_ROOT)')
-    p.add_argument('--dataroot', default='./data', help='path to dataset')
-    p.add_argument('--maskroot', default=None, help='--dataset folder: folder of ground-truth masks (optional)')
-    p.add_argument('--nx', type=int, default=3, help='number of channels of the input image')
-    p.add_argument('--sizex', type=int, default=128, help='size of the input image: 128 (the original) or 64 (a quarter of the pixels, for CPUs)')
-    p.add_argument('--nz', type=int, default=32, help='size of the latent z vector')
-    p.add_argument('--nMasks', type=int, default=2, help='number of masks')
-    p.add_argument('--nResM', type=int, default=3, help='number of residual blocks in netM')
-    p.add_argument('--nf', type=int, default=64, help='base number of filters for conv nets')
-    p.add_argument('--nfD', type=int, default=None, help='nf for netD (default: --nf)')
-    p.add_argument('--nfX', type=int, default=None, help='nf for netX (default: --nf)')
-    p.add_argument('--nfM', type=int, default=None, help='nf for netM (default: --nf)')
-    p.add_argument('--nfZ', type=int, default=None, help='nf for netZ (default: --nf)')
-    p.add_argument('--useSelfAttD', action='store_true', help='use self attention for D')
-    p.add_argument('--useSelfAttG', action='store_true', help='use self attention for G')
-    p.add_argument('--workers', type=int, default=4, help='number of data loading workers')
-    p.add_argument('--batchSize', type=int, default=20, help='input batch size')
-    p.add_argument('--nTest', type=int, default=5, help='number of test images shown in the sample grids')
-    p.add_argument('--nTrainScore', type=int, default=0,
-                   help='score only the first N training images at each checkpoint (train.dat, the collapse '
-                        'test), not the whole split as the original (0)')
-    p.add_argument('--nIteration', type=int, default=50000, help='number of iterations')
-    p.add_argument('--initOrthoGain', type=float, default=.8, help='gain for the orthogonal initialization')
-    p.add_argument('--lrG', type=float, default=1e-4, help='learning rate of the region generators (netX)')
-    p.add_argument('--lrM', type=float, default=1e-5, help='learning rate of the mask extractor (netM)')
-    p.add_argument('--lrD', type=float, default=1e-4, help='learning rate of the discriminator (netD)')
-    p.add_argument('--lrZ', type=float, default=1e-4, help='learning rate of the noise reconstructor (netZ)')
-    p.add_argument('--gStepFreq', type=int, default=1, help='update G every x iterations')
-    p.add_argument('--dStepFreq', type=int, default=1, help='update D every x iterations')
-    p.add_argument('--temperature', type=float, default=1, help='softmax temperature')
-    p.add_argument('--wdecay', type=float, default=1e-4, help='weight decay of the mask extractor')
-    p.add_argument('--wrecZ', type=float, default=5, help='weight for z reconstruction (0: no netRecZ)')
-    p.add_argument('--outf', default='.', help='folder to output images and model checkpoints')
-    p.add_argument('--checkpointFreq', type=int, default=500, help='frequency of checkpoints')
-    p.add_argument('--iteration', type=int, default=0, help='iteration to load (to resume training)')
-    p.add_argument('--manualSeed', type=int, help='manual seed (default: drawn at random, and saved)')
-    p.add_argument('--resume', nargs='?', const=True, default=False, type=resume_mode,
-                   help='resume from the last checkpoint in --outf; "--resume auto": continue the run in --outf '
-                        'if it has a checkpoint, else start it (one command for a scheduler that requeues it)')
-    p.add_argument('--overwrite', action='store_true',
-                   help="start a new run in an --outf that holds another run's files, removing them first")
-    p.add_argument('--clean', action=argparse.BooleanOptionalAction, default=False,
-                   help='delete the previous checkpoint when saving one (kept by --resume; --no-clean to stop)')
-    p.add_argument('--silent', action='store_true', help='silent execution')
-    p.add_argument('--autoRestart', type=float, default=0,
-                   help='restart training if the ratio "size of region" / "size of image" is strictly '
-                        'smaller than x on train and val at a checkpoint (collapse detected)')
-    p.add_argument('--rollback', type=int, default=0,
-                   help='after a collapse (the --autoRestart test, at any iteration), go back to the newest '
-                        'checkpoint (one further back for each rollback before the run gets past the collapse) '
-                        'and go on with fresh noise and data order, at most this many times; then '
-                        '--autoRestart as the original. --clean keeps this many checkpoints more')
-    p.add_argument('--earlyRestart', type=float, default=0,
-                   help='restart from scratch when the found-again score (label-free) at the first checkpoint of '
-                        'a start is under x (netEncM does not find again the regions it had redrawn: a start '
-                        'gone wrong), at most %d times (0: off)' % EARLY_RESTARTS)
-    p.add_argument('--device', default=None, help='cpu | cuda | cuda:N (default: cuda if available, else cpu)')
-    p.add_argument('--amp', default='none', choices=['none', 'bf16'],
-                   help='mixed precision for the training iterations: bf16 autocast (CPU and CUDA)')
-    p.add_argument('--compile', action='store_true', help='compile the nets with torch.compile: minutes of compiling, for long GPU runs (README, Speed)')
-    p.add_argument('--tensorboard', action='store_true',
-                   help='also write the statistics and sample grids for TensorBoard in OUTF/tensorboard '
-                        '(pip install tensorboard)')
-    p.add_argument('--cacheData', action='store_true',
-                   help='decode and resize the dataset once and keep it in memory (same images)')
-    p.add_argument('--skipOrthoInitSN', action='store_true',
-                   help="leave spectral-norm layers at PyTorch's default init, as the original's GPU runs "
-                        "did (see README)")
-    p.add_argument('--hflip', action='store_true', help='flip half of the training images left to right, at random')
-    p.add_argument('--diffAugment', type=augment.policy, default=(), metavar='T1,T2',
-                   help="show netDX real images and composites through the same random transforms, among %s "
-                        "(DiffAugment)" % ", ".join(augment.POLICIES))
+                                formatter_class=utils.HelpFormatter, epilog=EPILOG % presets_table())
+    group = p.add_argument_group("preset")
+    group.add_argument('--preset', default=None, metavar='NAME',
+                       help="set a group of flags (below): %s (default: none, the original's defaults)"
+                            % " | ".join(PRESETS))
+
+    group = p.add_argument_group("data")
+    group.add_argument('--dataset', default="flowers",
+                       help='flowers | cub | lfw | cmnist | synthetic (built in, no download) | folder (your images) '
+                            '| lfw+flowers (--dataroot LFW_ROOT,FLOWERS_ROOT)')
+    group.add_argument('--dataroot', default='./data', help='path to dataset')
+    group.add_argument('--maskroot', default=None,
+                       help='--dataset folder: folder of ground-truth masks (default: none, no best.pth)')
+    group.add_argument('--sizex', type=int, default=128,
+                       help='size of the input image: 128 (the original) or 64 (a quarter of the pixels, for CPUs)')
+    group.add_argument('--nx', type=int, default=3, help='number of channels of the input image')
+    group.add_argument('--batchSize', type=int, default=20, help='input batch size (under torchrun: the global batch)')
+    group.add_argument('--workers', type=int, default=4, help='number of data loading workers')
+    group.add_argument('--nTest', type=int, default=5, help='number of test images shown in the sample grids')
+    group.add_argument('--nTrainScore', type=int, default=0,
+                       help='score only the first N training images at each checkpoint (train.dat, the collapse '
+                            'test); 0: the whole split, as the original')
+
+    group = p.add_argument_group("networks")
+    group.add_argument('--nMasks', type=int, default=2, help='number of masks (regions)')
+    group.add_argument('--nz', type=int, default=32, help='size of the latent z vector')
+    group.add_argument('--nf', type=int, default=64, help='base number of filters for conv nets')
+    group.add_argument('--nfD', type=int, default=None, help='nf for netDX (default: --nf)')
+    group.add_argument('--nfX', type=int, default=None, help='nf for netGenX (default: --nf)')
+    group.add_argument('--nfM', type=int, default=None, help='nf for netEncM (default: --nf)')
+    group.add_argument('--nfZ', type=int, default=None, help='nf for netRecZ (default: --nf)')
+    group.add_argument('--nResM', type=int, default=3, help='number of residual blocks in netEncM')
+    group.add_argument('--useSelfAttD', action='store_true', help='use self attention in netDX')
+    group.add_argument('--useSelfAttG', action='store_true', help='use self attention in netGenX')
+    group.add_argument('--temperature', type=float, default=1, help="softmax temperature of netEncM's masks")
+    group.add_argument('--initOrthoGain', type=float, default=.8, help='gain for the orthogonal initialization')
+    group.add_argument('--skipOrthoInitSN', action='store_true',
+                       help="leave spectral-norm layers at PyTorch's default init, as the original's GPU runs "
+                            "did (README, Differences)")
+
+    group = p.add_argument_group("optimisation")
+    group.add_argument('--nIteration', type=int, default=50000, help='number of iterations')
+    group.add_argument('--lrG', type=float, default=1e-4, help='learning rate of the region generators (netGenX)')
+    group.add_argument('--lrM', type=float, default=1e-5, help='learning rate of the mask extractor (netEncM)')
+    group.add_argument('--lrD', type=float, default=1e-4, help='learning rate of the discriminator (netDX)')
+    group.add_argument('--lrZ', type=float, default=1e-4, help='learning rate of the noise reconstructor (netRecZ)')
+    group.add_argument('--wdecay', type=float, default=1e-4, help='weight decay of the mask extractor (netEncM)')
+    group.add_argument('--wrecZ', type=float, default=5, help='weight of the z reconstruction loss (0: no netRecZ)')
+    group.add_argument('--gStepFreq', type=int, default=1, help='update the generator side every x iterations')
+    group.add_argument('--dStepFreq', type=int, default=1, help='update netDX every x iterations')
+    group.add_argument('--manualSeed', type=int, help='manual seed (default: drawn at random, and saved)')
+
+    group = p.add_argument_group("checkpoints and recovery")
+    group.add_argument('--outf', default='.', help='folder to output images and model checkpoints')
+    group.add_argument('--checkpointFreq', type=int, default=500, help='frequency of checkpoints')
+    group.add_argument('--clean', action=argparse.BooleanOptionalAction, default=False,
+                       help='delete the previous checkpoint when saving one (kept by --resume; --no-clean to stop)')
+    group.add_argument('--resume', nargs='?', const=True, default=False, type=resume_mode,
+                       help='resume from the last checkpoint in --outf; "--resume auto": continue the run in --outf '
+                            'if it has a checkpoint, else start it (one command for a scheduler that requeues it)')
+    group.add_argument('--iteration', type=int, default=0,
+                       help="start from OUTF/state_N.pth with this command's options (the original's resume); "
+                            "0: a new run")
+    group.add_argument('--overwrite', action='store_true',
+                       help="start a new run in an --outf that holds another run's files, removing them first")
+    group.add_argument('--autoRestart', type=float, default=0,
+                       help='restart training if the ratio "size of region" / "size of image" is strictly '
+                            'smaller than x on train and val at a checkpoint (collapse detected); 0: off')
+    group.add_argument('--rollback', type=int, default=0,
+                       help='after a collapse (the --autoRestart test, at any iteration), go back to the newest '
+                            'checkpoint (one further back for each rollback before the run gets past the collapse) '
+                            'and go on with fresh noise and data order, at most this many times; then '
+                            '--autoRestart as the original. --clean keeps this many checkpoints more')
+    group.add_argument('--earlyRestart', type=float, default=0,
+                       help='restart from scratch when the found-again score (label-free) at the first checkpoint '
+                            'of a start is under x (netEncM does not find again the regions it had redrawn: a start '
+                            'gone wrong), at most %d times; 0: off' % EARLY_RESTARTS)
+    group.add_argument('--silent', action='store_true', help='silent execution')
+    group.add_argument('--tensorboard', action='store_true',
+                       help='also write the statistics and sample grids for TensorBoard in OUTF/tensorboard '
+                            '(pip install tensorboard)')
+
+    group = p.add_argument_group("speed")
+    group.add_argument('--device', default=None,
+                       help='cpu | cuda | cuda:N (default: cuda if available, else cpu)')
+    group.add_argument('--amp', default='none', choices=['none', 'bf16'],
+                       help='mixed precision for the training iterations: bf16 autocast (CPU and CUDA)')
+    group.add_argument('--compile', action='store_true',
+                       help='compile the nets with torch.compile: minutes of compiling (docs/speed.md)')
+    group.add_argument('--cacheData', action='store_true',
+                       help='decode and resize the dataset once and keep it in memory (same images)')
+
+    group = p.add_argument_group("augmentation (few images)")
+    group.add_argument('--hflip', action='store_true',
+                       help='flip half of the training images left to right, at random')
+    group.add_argument('--diffAugment', type=augment.policy, default=(), metavar='T1,T2',
+                       help="show netDX real images and composites through the same random transforms, among %s "
+                            "(DiffAugment)" % ", ".join(augment.POLICIES))
     return p
 
 
@@ -127,17 +229,21 @@ def complete_options(opt):
 def resolve_options(opt, explicit=()):
     """The run's options and the checkpoint it starts from, (path, state) or None.
 
-    --resume takes the options saved in the newest complete checkpoint of --outf, except
-    those of RESUME_OVERRIDES. --iteration N starts from OUTF/state_N.pth with the command
+    --preset NAME sets its flags, except those given (`explicit`). --resume takes the options
+    saved in the newest complete checkpoint of --outf, except those of RESUME_OVERRIDES (a
+    preset's flags count as given). --iteration N starts from OUTF/state_N.pth with the command
     line's options.
     """
     start = None
     if opt.overwrite and opt.resume:
         raise UserError("--overwrite starts a new run in --outf: it cannot go with --resume")
+    explicit = apply_preset(opt, explicit)
     if opt.resume is True or (opt.resume == "auto" and runfolder.checkpoint_files(opt.outf)):
         path, state = runfolder.latest_checkpoint(opt.outf, "cpu")
         saved = complete_options(argparse.Namespace(**vars(state["options"])))  # a copy: the state keeps its own
-        given = sorted(explicit - set(RESUME_OVERRIDES) - {"resume", "iteration", "overwrite"})
+        # a preset is compared by its expanded flags, and by its name when the run has one
+        given = sorted(explicit - set(RESUME_OVERRIDES) - {"resume", "iteration", "overwrite"}
+                       - (set() if saved.preset else {"preset"}))
         if opt.resume == "auto":
             check_same_command(saved, opt, given, path)
         elif given:
@@ -173,7 +279,8 @@ def resolve_options(opt, explicit=()):
 def options_for(*flags):
     """The options of a run started with these command-line flags (any values, made strings),
     resolved as main() resolves them: for the tests and tools that build a run in-process."""
-    return resolve_options(make_parser().parse_args([str(f) for f in flags]))[0]
+    argv = [str(f) for f in flags]
+    return resolve_options(make_parser().parse_args(argv), explicit_flags(argv))[0]
 
 
 def check_same_command(saved, opt, given, path):

@@ -31,14 +31,20 @@ def user_error_message(error):
     return message
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows each flag's default, where it has one (not None, not an unset switch, not
-    an empty list)."""
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every flag's default: a switch's as on or off, an empty list as none, and
+    where the default is None, the help's own words (e.g. "default: --nf") or none. The
+    description and epilog keep their lines."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False, ()):
-            return action.help
-        return super()._get_help_string(action)
+        help = (action.help or "").replace(" (default: %(default)s)", "")  # BooleanOptionalAction adds one
+        if action.default is argparse.SUPPRESS or "(default" in help:
+            return help
+        if action.default is None or action.default == ():
+            return help + " (default: none)"
+        if action.default is False or action.default is True:
+            return help + " (default: %s)" % ("on" if action.default else "off")
+        return help + " (default: %(default)s)"
 
 
 def is_main_process():

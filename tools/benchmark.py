@@ -36,6 +36,8 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+import options  # noqa: E402
+
 CONFIGS = {
     "small": dict(nf=16, nfX=16, batchSize=4),
     "paper": dict(nf=64, nfX=32, batchSize=20),  # the README's Flowers command, default batch size
@@ -44,7 +46,6 @@ CONFIGS = {
 
 def config_options(config):
     """train.py's options for a configuration, through its parser."""
-    import options
     c = CONFIGS[config]
     return options.options_for("--nf", c["nf"], "--nfX", c["nfX"], "--batchSize", c["batchSize"], "--useSelfAttD",
                              "--useSelfAttG", "--device", "cpu", "--manualSeed", 1)
@@ -213,10 +214,8 @@ def measure_flops(config):
     return counter.get_total_flops()
 
 
-# README's quickstart command, but its --outf
-QUICKSTART = ["--dataset", "synthetic", "--nf", "8", "--nfM", "32", "--batchSize", "8", "--lrM", "2e-4",
-              "--dStepFreq", "2", "--autoRestart", ".05", "--rollback", "3", "--earlyRestart", ".55",
-              "--checkpointFreq", "100", "--nTrainScore", "200", "--clean", "--cacheData", "--workers", "1"]
+# README's quickstart command (--preset cpu, spelled out so that older revisions run it too), but its --outf
+QUICKSTART = ["--dataset", "synthetic"] + options.preset_flags("cpu", "synthetic")
 PROFILED = {  # train.py's flags of the configurations --profile knows, on the built-in dataset
     "quickstart": QUICKSTART,
     "paper": ["--dataset", "synthetic", "--nf", 64, "--nfX", 32, "--useSelfAttG", "--useSelfAttD", "--batchSize", 20,
@@ -286,7 +285,6 @@ def profile_iterations(config, iterations, warmup):
     should be even (--dStepFreq 2)."""
     from torch.profiler import ProfilerActivity, profile
     from torch.utils.flop_counter import FlopCounterMode
-    import options
     import train
     with tempfile.TemporaryDirectory() as outf, labelled_in_models():
         opt = options.options_for(*PROFILED[config], "--device", "cpu", "--manualSeed", 1, "--silent", "--outf", outf)
