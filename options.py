@@ -20,16 +20,16 @@ EARLY_RESTARTS = 5  # at most, in a run: each costs a checkpoint period
 PRESETS = {
     "cpu": dict(
         flags="--nf 8 --nfM 32 --batchSize 8 --lrM 2e-4 --dStepFreq 2 --autoRestart .05 --rollback 3 "
-              "--earlyRestart .55 --checkpointFreq 100 --nTrainScore 200 --clean --cacheData --workers 1",
+              "--earlyRestart .55 --checkpointFreq 100 --nTrainScore 200 --clean --cacheData --workers 1 --amp auto",
         purpose="a first run on a CPU: small nets (nf 8; netEncM 32, for its quarter-width layers), a faster "
                 "netEncM (lrM 2e-4) against a discriminator stepped every other iteration, checkpoints every 100 "
-                "iterations with the recoveries on",
-        measured="synthetic, seeds 1-5, 2-core CPU: val IoU 0.8 in 10-12 min (4 of 5), label-free choice 0.80-0.85 "
+                "iterations with the recoveries on, bfloat16 where the CPU does it fast",
+        measured="synthetic, 2-core CPUs: val IoU 0.8 in 5-12 min (7 runs of 8), label-free choice 0.80-0.87 "
                  "test IoU (docs/quickstart.md)"),
     "cpu-photos": dict(
         flags="--nf 16 --nfM 32 --batchSize 8 --lrM 2e-4 --dStepFreq 2 --hflip --diffAugment translation,cutout "
               "--autoRestart .05 --rollback 3 --earlyRestart .55 --checkpointFreq 100 --nTrainScore 200 --clean "
-              "--cacheData --workers 1",
+              "--cacheData --workers 1 --amp auto",
         purpose="a few hundred of your own photos on a CPU: cpu's recipe with nf 16 and flips and DiffAugment "
                 "against a discriminator that learns few images by heart",
         measured="164 horse photos, seeds 1-3, 1 h on a 2-core CPU: best IoU 0.48-0.52, 0.05-0.09 above a "
@@ -182,8 +182,9 @@ def make_parser():
     group = p.add_argument_group("speed")
     group.add_argument('--device', default=None,
                        help='cpu | cuda | cuda:N (default: cuda if available, else cpu)')
-    group.add_argument('--amp', default='none', choices=['none', 'bf16'],
-                       help='mixed precision for the training iterations: bf16 autocast (CPU and CUDA)')
+    group.add_argument('--amp', default='none', choices=['none', 'bf16', 'auto'],
+                       help='mixed precision for the training iterations: bf16 autocast (CPU and CUDA); auto: bf16 '
+                            'on CPUs with native bfloat16 (AMX or AVX512-BF16), fp32 elsewhere (docs/bf16.md)')
     group.add_argument('--compile', action='store_true',
                        help='compile the nets with torch.compile: minutes of compiling (docs/speed.md)')
     group.add_argument('--cacheData', action='store_true',

@@ -258,6 +258,9 @@ class TrainingRun:
         utils.tune_for_device(self.device)
         self.log = print if self.dist.is_main and not opt.silent else (lambda *a: None)
         self.log("Random Seed: ", opt.manualSeed)
+        self.bfloat16, precision = utils.use_bfloat16(opt.amp, self.device)
+        if opt.amp != "none":
+            self.log("Training in %s" % precision)
         utils.seed_everything(opt.manualSeed)
         splits = {split: self.load_split(split) for split in datasets.SPLITS}
         options.check_split_sizes(splits, opt)
@@ -350,8 +353,8 @@ class TrainingRun:
                        % (path, ", ".join(overridden)))
 
     def autocast(self):
-        """Mixed precision (--amp bf16) for the training iterations; scores stay in fp32."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.opt.amp == "bf16")
+        """Mixed precision (--amp) for the training iterations; scores stay in fp32."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bfloat16)
 
     # -------------------------------------------------------------- an iteration (every rank)
 

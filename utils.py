@@ -97,6 +97,49 @@ def keep_freed_memory():
     libc.mallopt(M_TRIM_THRESHOLD, -1)  # never hand the heap's free top back to the system
 
 
+# the CPU flags (/proc/cpuinfo) of bfloat16 arithmetic in hardware, most capable first
+NATIVE_BFLOAT16 = {"amx_bf16": "AMX", "avx512_bf16": "AVX512-BF16"}
+NO_BFLOAT16_SLOWDOWN = "9-18x"  # bf16 autocast against fp32, measured on an AVX2 CPU (docs/speed.md)
+
+
+def cpu_flags(path="/proc/cpuinfo"):
+    """The CPU's feature flags, as Linux lists them; none where that list cannot be read."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def native_bfloat16(flags):
+    """The name of the CPU's bfloat16 units among its flags ("AMX", "AVX512-BF16"), or None."""
+    return next((name for flag, name in NATIVE_BFLOAT16.items() if flag in flags), None)
+
+
+def use_bfloat16(amp, device):
+    """Whether the training iterations run under bfloat16 autocast for --amp `amp` on `device`,
+    and the line that says why. auto: bf16 on a CPU with native bfloat16 (AMX, AVX512-BF16),
+    where it trained faster and learned as well (docs/bf16.md), fp32 elsewhere (on a GPU too,
+    where it is not measured). bf16 on a CPU without native bfloat16 warns: it is many times
+    slower there."""
+    if amp == "none":
+        return False, "fp32 (--amp none)"
+    if device.type != "cpu":
+        return amp == "bf16", ("bf16 autocast (--amp bf16)" if amp == "bf16" else
+                               "fp32 (--amp auto: bf16 only on CPUs with native bfloat16)")
+    units = native_bfloat16(cpu_flags())
+    if amp == "auto":
+        return units is not None, ("bf16 autocast (--amp auto: this CPU has %s)" % units if units else
+                                   "fp32 (--amp auto: this CPU has no native bfloat16, AMX or AVX512-BF16)")
+    if units is None:
+        warn("--amp bf16: this CPU has no native bfloat16 (AMX or AVX512-BF16): bf16 autocast ran %s slower than "
+             "fp32 on such a CPU; --amp auto chooses for you" % NO_BFLOAT16_SLOWDOWN)
+    return True, "bf16 autocast (--amp bf16%s)" % (": this CPU has %s" % units if units else "")
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 def _read_archived_pth(path):

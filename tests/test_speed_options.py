@@ -14,7 +14,7 @@ import options
 import scores
 import train
 import utils
-from conftest import ROOT, SMALL_RUN, is_free_bias, read_dat, run_script
+from conftest import ROOT, SMALL_RUN, assert_same_checkpoint, is_free_bias, read_dat, run_script
 
 
 # The blocked attention against the exact values (float64), as close as the plain formula in
@@ -225,15 +225,57 @@ def spy_on_iterations(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("amp, dtype", [("none", torch.float32), ("bf16", torch.bfloat16)])
-def test_amp_flag_trains_in_bf16_and_is_saved(amp, dtype, minidata_root, tmp_path, monkeypatch):
+AMX_CPU = {"avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}  # flags of an Intel Xeon with AMX
+AVX512_BF16_CPU = {"avx2", "avx512f", "avx512_bf16"}  # of an AMD EPYC (Zen 4 and 5)
+AVX2_CPU = {"avx2", "fma"}
+
+
+@pytest.mark.parametrize("flags, units", [(AMX_CPU, "AMX"), (AVX512_BF16_CPU, "AVX512-BF16"), (AVX2_CPU, None),
+                                          (set(), None)])
+def test_native_bfloat16_is_read_from_the_cpu_flags(flags, units, tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: %s\n\nprocessor\t: 1\n" % " ".join(sorted(flags)))
+    assert utils.cpu_flags(str(cpuinfo)) == flags
+    assert utils.native_bfloat16(flags) == units
+    assert utils.cpu_flags(str(tmp_path / "absent")) == set()
+
+
+@pytest.mark.parametrize("amp, flags, dtype, line, warned", [
+    ("none", AMX_CPU, torch.float32, None, False),  # the default, and an explicit --amp wins
+    ("bf16", AMX_CPU, torch.bfloat16, "Training in bf16 autocast (--amp bf16: this CPU has AMX)", False),
+    ("bf16", AVX2_CPU, torch.bfloat16, "Training in bf16 autocast (--amp bf16)", True),
+    ("auto", AMX_CPU, torch.bfloat16, "Training in bf16 autocast (--amp auto: this CPU has AMX)", False),
+    ("auto", AVX512_BF16_CPU, torch.bfloat16, "Training in bf16 autocast (--amp auto: this CPU has AVX512-BF16)",
+     False),
+    ("auto", AVX2_CPU, torch.float32,
+     "Training in fp32 (--amp auto: this CPU has no native bfloat16, AMX or AVX512-BF16)", False)])
+def test_amp_trains_in_the_precision_chosen_for_the_cpu_says_so_and_saves_fp32(amp, flags, dtype, line, warned,
+                                                                               minidata_root, tmp_path, monkeypatch):
+    """--amp auto: bf16 where the CPU's flags name native bfloat16 units, fp32 elsewhere, said in
+    the run's first lines; --amp bf16 on a CPU without them warns once; checkpoints stay fp32."""
+    monkeypatch.setattr(utils, "cpu_flags", lambda: flags)
     seen = spy_on_iterations(monkeypatch)
-    run_script("train.py", "--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--outf", tmp_path,
-               "--nIteration", 1, "--checkpointFreq", 2, "--amp", amp, *SMALL_RUN, cwd=tmp_path)
+    result = run_script("train.py", "--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--outf",
+                        tmp_path, "--nIteration", 1, "--checkpointFreq", 2, "--amp", amp,
+                        *[a for a in SMALL_RUN if a != "--silent"], cwd=tmp_path)
     assert [s["dtypes"] for s in seen] == [{"netGenX": dtype, "netDX": dtype}] * 2
+    lines = result.stdout.splitlines()
+    assert lines[1] == line if line else not any(text.startswith("Training in") for text in lines)
+    assert result.stderr.count("warning: --amp bf16: this CPU has no native bfloat16") == warned
     state = utils.load_checkpoint(tmp_path / "state_00002.pth")
     assert state["options"].amp == amp
-    assert all(t.dtype == torch.float32 for t in state["netGenX"].values())
+    assert all(t.dtype == torch.float32 for name in ("netEncM", "netGenX", "netDX", "netRecZ")
+               for t in state[name].values())
+
+
+def test_a_bf16_run_resumes_bit_for_bit(minidata_root, tmp_path):
+    command = ["--dataset", "flowers", "--dataroot", minidata_root / "flowers", "--checkpointFreq", 2,
+               "--manualSeed", 4, "--amp", "bf16", *SMALL_RUN]
+    run_script("train.py", *command, "--nIteration", 4, "--outf", tmp_path / "whole", cwd=tmp_path)
+    run_script("train.py", *command, "--nIteration", 2, "--outf", tmp_path / "stopped", cwd=tmp_path)
+    run_script("train.py", "--resume", "--nIteration", 4, "--outf", tmp_path / "stopped", cwd=tmp_path)
+    assert_same_checkpoint(utils.load_checkpoint(tmp_path / "stopped" / "state_00004.pth"),
+                           utils.load_checkpoint(tmp_path / "whole" / "state_00004.pth"))
 
 
 def test_compile_flag_compiles_the_nets_and_saves_plain_checkpoints(minidata_root, tmp_path, monkeypatch):

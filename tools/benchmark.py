@@ -277,7 +277,7 @@ def category(name):
     return OTHER_OPS
 
 
-def profile_iterations(config, iterations, warmup):
+def profile_iterations(config, iterations, warmup, train_flags=()):
     """Where the time of train.py's own training iterations goes at a configuration (on the
     CPU): {part: seconds per iteration} (profiled), seconds per iteration (not profiled, then
     profiled) and operations per iteration. Top-level events of the main thread, each whole to
@@ -287,7 +287,8 @@ def profile_iterations(config, iterations, warmup):
     from torch.utils.flop_counter import FlopCounterMode
     import train
     with tempfile.TemporaryDirectory() as outf, labelled_in_models():
-        opt = options.options_for(*PROFILED[config], "--device", "cpu", "--manualSeed", 1, "--silent", "--outf", outf)
+        opt = options.options_for(*PROFILED[config], *train_flags, "--device", "cpu", "--manualSeed", 1, "--silent",
+                                  "--outf", outf)
         run = train.TrainingRun(opt)
         for stream in ("genData", "disData"):
             setattr(run, stream, LabelledStream(getattr(run, stream), "data"))
@@ -329,13 +330,16 @@ def cpu_peak_gflops(fma_units):
         cores, lanes, "AVX-512" if lanes == 16 else "AVX2" if lanes == 8 else "SSE", fma_units, mhz / 1000)
 
 
-def print_profile(config, iterations, warmup, fma_units):
-    parts, seconds, profiled_seconds, flops = profile_iterations(config, iterations, warmup)
+def print_profile(config, iterations, warmup, fma_units, train_flags=()):
+    parts, seconds, profiled_seconds, flops = profile_iterations(config, iterations, warmup, train_flags)
     peak, how = cpu_peak_gflops(fma_units)
-    print("%s: %.3f s per iteration (mean of %d after %d; %.3f s profiled), %.2f GFLOP per iteration: %.1f GFLOP/s, "
+    print("%s%s: %.3f s per iteration (mean of %d after %d; %.3f s profiled), %.2f GFLOP per iteration: %.1f GFLOP/s, "
           "%.1f%% of the fp32 peak %.0f GFLOP/s (%s)" % (
-              config, seconds, iterations, warmup, profiled_seconds, flops / 1e9, flops / 1e9 / seconds,
-              100 * flops / 1e9 / seconds / peak, peak, how))
+              config, " " + " ".join(train_flags) if train_flags else "", seconds, iterations, warmup,
+              profiled_seconds, flops / 1e9, flops / 1e9 / seconds, 100 * flops / 1e9 / seconds / peak, peak, how))
+    if "bf16" in train_flags and "avx512_bf16" in open("/proc/cpuinfo").read():
+        print("with AVX512-BF16 (vdpbf16ps: two products per fp32 lane) the bf16 peak is %.0f GFLOP/s: %.1f%% of it"
+              % (2 * peak, 50 * flops / 1e9 / seconds / peak))
     print("| part | ms per iteration (profiled) | share |")
     print("| --- | --- | --- |")
     for part, part_seconds in sorted(parts.items(), key=lambda item: -item[1]):
@@ -442,6 +446,7 @@ def main():
                    help="only where an iteration's time goes, on the CPU: %s" % ", ".join(sorted(PROFILED)))
     p.add_argument("--warmup", type=int, default=5, help="with --profile: iterations run before any is timed")
     p.add_argument("--fma-units", type=int, default=2, help="with --profile: FMA units per core, for the peak")
+    p.add_argument("--train-flags", default="", help='with --profile: train.py flags added, e.g. "--amp bf16"')
     p.add_argument("--side-by-side", nargs="+", metavar="SPEC",
                    help="only the quickstart's speed from each SPEC, in turn (--rounds, --iterations): a git "
                         "revision, or '.' for the working tree, optionally followed by train.py flags in the same "
@@ -471,7 +476,8 @@ def main():
     if args.side_by_side:
         return print_side_by_side(side_by_side(args.side_by_side, args.iterations, args.rounds))
     if args.profile:
-        return print_profile(args.profile, args.iterations + args.iterations % 2, args.warmup, args.fma_units)
+        return print_profile(args.profile, args.iterations + args.iterations % 2, args.warmup, args.fma_units,
+                             shlex.split(args.train_flags))
     print("device %s, torch %s, %d threads" % (args.device, torch.__version__, torch.get_num_threads()))
     print("| configuration | implementation | mode | s / iteration | images / s | peak memory (MB) | speed-up vs original |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
