@@ -220,7 +220,6 @@ class SampleGrid:
         return picture
 
 
-
 def peak_memory_mb(device):
     """The most memory the run has held: on the GPU, by its tensors; on the CPU, the process's peak RSS."""
     if device.type == "cuda":

@@ -37,6 +37,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import options  # noqa: E402
+import utils  # noqa: E402
 
 CONFIGS = {
     "small": dict(nf=16, nfX=16, batchSize=4),
@@ -48,7 +49,7 @@ def config_options(config):
     """train.py's options for a configuration, through its parser."""
     c = CONFIGS[config]
     return options.options_for("--nf", c["nf"], "--nfX", c["nfX"], "--batchSize", c["batchSize"], "--useSelfAttD",
-                             "--useSelfAttG", "--device", "cpu", "--manualSeed", 1)
+                               "--useSelfAttG", "--device", "cpu", "--manualSeed", 1)
 
 
 def original_nets(path, opt, device):
@@ -93,7 +94,6 @@ def measure_iterations(config, mode, impl, iterations, device):
     import models
     import monitor
     import train
-    import utils
     opt = config_options(config)
     torch.manual_seed(0)
     if impl == "ours":
@@ -171,7 +171,6 @@ def measure_logging(stats_path, tensorboard=False):
     """Replay a run's stats.jsonl: the seconds that writing each record and redrawing
     curves.png (and TensorBoard) took, against the period the record describes."""
     import monitor
-    import utils
     records, _ = monitor.read_stats(stats_path)
     if not records:
         sys.exit("%s: no records" % stats_path)
@@ -337,7 +336,8 @@ def print_profile(config, iterations, warmup, fma_units, train_flags=()):
           "%.1f%% of the fp32 peak %.0f GFLOP/s (%s)" % (
               config, " " + " ".join(train_flags) if train_flags else "", seconds, iterations, warmup,
               profiled_seconds, flops / 1e9, flops / 1e9 / seconds, 100 * flops / 1e9 / seconds / peak, peak, how))
-    if "bf16" in train_flags and "avx512_bf16" in open("/proc/cpuinfo").read():
+    bfloat16 = options.make_parser().parse_args(list(train_flags)).amp != "none"
+    if bfloat16 and utils.native_bfloat16(utils.cpu_flags()) == "AVX512-BF16":
         print("with AVX512-BF16 (vdpbf16ps: two products per fp32 lane) the bf16 peak is %.0f GFLOP/s: %.1f%% of it"
               % (2 * peak, 50 * flops / 1e9 / seconds / peak))
     print("| part | ms per iteration (profiled) | share |")
