@@ -29,9 +29,10 @@ PRESETS = {
     "cpu-photos": dict(
         flags="--nf 16 --nfM 32 --batchSize 8 --lrM 2e-4 --dStepFreq 2 --hflip --diffAugment translation,cutout "
               "--autoRestart .05 --rollback 3 --earlyRestart .55 --checkpointFreq 100 --nTrainScore 200 --clean "
-              "--cacheData --workers 1 --amp auto",
+              "--cacheData --workers 1",
         purpose="a few hundred of your own photos on a CPU: cpu's recipe with nf 16 and flips and DiffAugment "
-                "against a discriminator that learns few images by heart",
+                "against a discriminator that learns few images by heart; fp32 (in bf16 it trained 1.3-1.4x "
+                "faster but learned less, docs/bf16.md)",
         measured="164 horse photos, seeds 1-3, 1 h on a 2-core CPU: best IoU 0.48-0.52, 0.05-0.09 above a "
                  "fixed ellipse (docs/own-photos.md)"),
     "paper": dict(
